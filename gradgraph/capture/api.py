@@ -1,0 +1,116 @@
+"""The user-facing ways to get a gradient graph: :func:`capture` (one call) and :class:`GradientRecorder`
+(inside an existing training loop)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LossShapeError
+from .session import CaptureSession
+
+
+def _call_args(inputs) -> tuple[tuple, dict]:
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def per_sample_losses(output, targets, loss_fn: Callable | None, batch_size: int) -> Tensor:
+    """The per-sample quantity whose gradient the graph holds: ``loss_fn(output, targets)`` (shape [b]),
+    or the sum of each sample's outputs when ``loss_fn`` is None."""
+    if loss_fn is None:
+        if not isinstance(output, Tensor):
+            raise LossShapeError("the model returned a " + type(output).__name__ + "; with loss_fn=None gradgraph "
+                                 "differentiates the sum of each sample's outputs, which needs a tensor output. "
+                                 "Pass loss_fn=lambda out, y: ... returning one value per sample.")
+        return output.reshape(output.shape[0], -1).sum(1)
+    losses = loss_fn(output, targets)
+    if not isinstance(losses, Tensor) or losses.shape != (batch_size,):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise LossShapeError(
+            f"loss_fn returned {shape}; it must return one loss per sample, shape [{batch_size}]. Use "
+            "reduction='none' and sum over non-batch axes, e.g. "
+            "lambda out, y: F.cross_entropy(out, y, reduction='none'), or gradgraph.losses.per_sample_*.")
+    return losses
+
+
+def capture(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None):
+    """Run one forward and one backward pass of ``model`` on a batch and return its
+    :class:`~gradgraph.GradientGraph`.
+
+    Args:
+        model: any module built from supported modules (see :func:`gradgraph.capture.supported_modules`)
+            and ordinary torch code in between.
+        inputs: the batch (batch first): a tensor, a tuple of positional arguments or a dict of keyword
+            arguments.
+        targets: passed to ``loss_fn``.
+        loss_fn: ``loss_fn(output, targets) -> [b]``, one loss per sample. With None, the per-sample quantity
+            is the sum of the sample's outputs (gradients of the model output, as for the regression Fisher).
+
+    The graph's ``g`` is the gradient of each sample's own loss (the losses are summed before the backward
+    pass, so nothing is scaled by 1/b). Parameter ``.grad`` is left untouched: capture differentiates with
+    respect to the op outputs only, which also skips the weight-gradient products. The model is left as it
+    was (forwards restored, no hooks remain).
+    """
+    args, kwargs = _call_args(inputs)
+    session = CaptureSession(model, use_hooks=False)
+    with session:
+        output = model(*args, **kwargs)
+    with torch.enable_grad():
+        losses = per_sample_losses(output, targets, loss_fn, session.batch_size)
+        session.collect_grads(losses.sum())
+    from ..graph.build import build_graph
+
+    return build_graph(session.records())
+
+
+def model_spec(model: nn.Module, example_inputs):
+    """The :class:`~gradgraph.graph.spec.GraphSpec` (structure only) of ``model`` on inputs shaped like
+    ``example_inputs``: a forward pass, no backward."""
+    from ..graph.build import build_spec
+
+    args, kwargs = _call_args(example_inputs)
+    session = CaptureSession(model, use_hooks=False)
+    with session:
+        model(*args, **kwargs)
+    return build_spec(session.records(structure_only=True))[0]
+
+
+class GradientRecorder:
+    """Record the gradient graph of one step of an existing training loop::
+
+        with gradgraph.GradientRecorder(model) as rec:
+            loss = criterion(model(x), y)      # one forward ...
+            loss.backward()                    # ... and one backward
+        graph = rec.graph(grad_scale=len(x))   # undo a mean-reduced loss
+        optimizer.step()
+
+    ``g`` is whatever your ``backward`` propagates: with a mean-reduced loss every ``g`` is scaled by 1/b,
+    so pass ``grad_scale=b`` to get each sample's own gradient (a sum-reduced loss needs no scale).
+    Parameter ``.grad`` is filled by your backward as usual; the recorder only adds tensor hooks, which are
+    gone with the recorded tensors. The model's forwards are restored when the ``with`` block ends.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._session: CaptureSession | None = None
+
+    def __enter__(self) -> "GradientRecorder":
+        self._session = CaptureSession(self.model, use_hooks=True)
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._session.__exit__(*exc)
+
+    def graph(self, grad_scale: float = 1.0):
+        """The recorded graph; ``grad_scale`` multiplies every ``g`` (``b`` for a mean-reduced loss)."""
+        if self._session is None:
+            raise RuntimeError("use GradientRecorder as a context manager around one forward and backward pass")
+        from ..graph.build import build_graph
+
+        return build_graph(self._session.records(grad_scale=grad_scale))

@@ -1,0 +1,373 @@
+"""One capture: patch the forwards of modules that have rules, trace the glue between them, record the
+input activations and output gradients of every parameterized op.
+
+Rules (see :mod:`gradgraph.capture.rules`) receive the session as ``ctx`` and express a module's forward
+with four primitives: :meth:`CaptureSession.linear`, :meth:`~CaptureSession.conv`,
+:meth:`~CaptureSession.diag` (elementwise affine, as in LayerNorm) and :meth:`~CaptureSession.embedding`.
+Each primitive computes the op, labels its output for the tracer and records where its ``a`` and ``g`` live.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_flatten
+
+from ..errors import GradGraphError, NonFiniteGradientError, SampleMixingError, UnsupportedModuleError
+from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef
+from .tracer import DataflowTracer, Label, SpaceTable
+
+_MISSING = object()
+
+
+class Rows:
+    """Rows ``start:stop`` of a parameter, for modules with packed weights (``ctx.rows(p, 0, d)``)."""
+
+    def __init__(self, param: Tensor, start: int, stop: int) -> None:
+        self.param, self.start, self.stop = param, int(start), int(stop)
+
+
+def _tuple(v, d: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * d
+
+
+def conv_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
+    """Per-side padding ``((lo, hi), ...)`` for every spatial dim, from an int, tuple, 'same' or 'valid'."""
+    d = len(kernel)
+    if padding == "valid":
+        return ((0, 0),) * d
+    if padding == "same":
+        out = []
+        for k, dil in zip(kernel, dilation):
+            total = dil * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return tuple(out)
+    return tuple((p, p) for p in _tuple(padding, d))
+
+
+class CaptureSession:
+    """Records one forward (and, after :meth:`collect_grads` or hooks, one backward) of ``model``.
+
+    Use as a context manager around exactly one call of ``model``. With ``use_hooks=False`` the caller
+    differentiates with :meth:`collect_grads` (capture's path: parameter ``.grad`` is not touched and the
+    weight-gradient products are skipped); with ``use_hooks=True`` tensor hooks store ``g`` during the
+    user's own ``loss.backward()`` (the recorder's path).
+    """
+
+    def __init__(self, model: nn.Module, use_hooks: bool = False) -> None:
+        from .rules import find_rule, supported_modules
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradgraph needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.use_hooks = use_hooks
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._buffer_names = {id(b): n for n, b in model.named_buffers()}
+        self.params = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+        self.buffers = {n: tuple(b.shape) for n, b in model.named_buffers()}
+        self._rules = []
+        for path, module in model.named_modules():
+            rule = find_rule(module)
+            trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if rule is None and trainable:
+                cls = type(module)
+                raise UnsupportedModuleError(
+                    f"module '{path or '<root>'}' ({cls.__module__}.{cls.__qualname__}) has trainable parameters "
+                    f"{trainable} but no capture rule, so its gradient cannot be represented. Supported modules: "
+                    f"{', '.join(supported_modules())}. Write a rule with @gradgraph.register_rule("
+                    f"{cls.__name__}) (see gradgraph.capture.rules), compose the module from supported ones, or "
+                    "freeze these parameters with requires_grad_(False).")
+            if rule is not None:
+                self._rules.append((path, module, rule))
+        self.spaces = SpaceTable()
+        self.ops: list[OpRecord] = []
+        self.insites: dict[tuple, InSite] = {}
+        self.outsites: list[OutSite] = []
+        self.tracer: DataflowTracer | None = None
+        self.batch_size: int | None = None
+        self.output = None
+        self.dtype = None
+        self._path = ""
+        self._names = Counter()
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._insite_by_tensor: dict[int, list[InSite]] = {}
+        self._calls = 0
+
+    # -- patching ---------------------------------------------------------------------------------------
+    def __enter__(self) -> "CaptureSession":
+        for path, module, rule in self._rules:
+            self._patch(module, functools.partial(self._call_rule, rule, module, path))
+        self._patch(self.model, functools.partial(self._call_root, self.model.forward))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, old in reversed(self._patched):
+            if old is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = old
+        self._patched.clear()
+
+    def _patch(self, module: nn.Module, fn) -> None:
+        self._patched.append((module, module.__dict__.get("forward", _MISSING)))
+        module.__dict__["forward"] = fn
+
+    def _call_root(self, inner, *args, **kwargs):
+        if self._calls:
+            raise GradGraphError(
+                "the model was called twice while gradgraph was recording; a gradient graph records exactly one "
+                "forward and one backward pass. Start a new capture (or GradientRecorder) for every batch.")
+        self._calls += 1
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        if not leaves or leaves[0].ndim == 0:
+            raise GradGraphError("the model's inputs contain no tensor with a batch axis; gradgraph needs the "
+                                 "batch as the first dimension of the inputs")
+        self.batch_size = int(leaves[0].shape[0])
+        self.tracer = DataflowTracer(self.spaces, self.batch_size, self._before_inplace)
+        for t in leaves:
+            if t.ndim and t.shape[0] == self.batch_size:
+                self.tracer.set_label(t, Label(None, (), 0))
+        try:
+            with torch.enable_grad(), self.tracer:
+                out = inner(*args, **kwargs)
+            for t in tree_flatten(out)[0]:
+                lab = self.tracer.get_label(t) if isinstance(t, Tensor) else None
+                if lab is not None and lab.space is not None:
+                    self.spaces.mark_output(lab.space)
+        finally:
+            self.tracer.release()
+        self.output = out
+        return out
+
+    def _call_rule(self, rule, module, path, *args, **kwargs):
+        if self.tracer is None or self._calls == 0:
+            raise GradGraphError(f"module '{path}' was called outside the forward of the model being recorded; "
+                                 "gradgraph records the model's own forward pass only")
+        prev, self._path = self._path, path
+        try:
+            return rule(self, module, *args, **kwargs)
+        finally:
+            self._path = prev
+
+    def _before_inplace(self, t: Tensor) -> None:
+        # an in-place op would overwrite an activation we stored: keep a copy of the recorded value
+        for site in self._insite_by_tensor.pop(id(t), []):
+            site.a = site.a.clone()
+
+    # -- primitives for rules ---------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """Dotted path of the module whose rule is running (for error messages)."""
+        return self._path or "<root>"
+
+    def rows(self, param: Tensor, start: int, stop: int) -> Rows:
+        """Refer to rows ``start:stop`` of a packed parameter (e.g. the query block of ``in_proj_weight``)."""
+        return Rows(param, start, stop)
+
+    def linear(self, x: Tensor, weight, bias=None, name: str | None = None) -> Tensor:
+        """``y = x W^T + b`` over the last axis of ``x`` ([b, ..., in] -> [b, ..., out]). A flattened conv
+        map ([b, C*H*W]) keeps its channels as nodes: the op then acts like a conv whose kernel covers the
+        whole map."""
+        W, wref = self._param(weight, "weight")
+        B, bref = self._param(bias, "bias")
+        with self.tracer.suspend():
+            out = F.linear(x, W, B)
+        opname = self._op_name(name)
+        lab = self.tracer.get_label(x)
+        last = x.ndim - 1
+        if lab is not None and lab.space is not None and lab.group and lab.axes == (last,) and x.ndim == 2:
+            spatial = lab.group
+            C = x.shape[1] // math.prod(spatial)
+            a = x.reshape(x.shape[0], C, *spatial).movedim(1, -1)
+            insite = self._insite((id(x), "grouped"), opname, x, a, lab, want=(last,), grouped=True)
+            geometry = {"spatial": tuple(spatial)}
+        else:
+            insite = self._insite((id(x), last), opname, x, x, lab, want=(last,))
+            geometry = {}
+        outsite = self._outsite(out, last, opname)
+        self._record(opname, "linear", insite, outsite, wref, bref, geometry)
+        return out
+
+    def conv(self, x: Tensor, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
+             name: str | None = None) -> Tensor:
+        """An N-d convolution ([b, C_in, *spatial] -> [b, C_out, *spatial']); channels are the nodes."""
+        W, wref = self._param(weight, "weight")
+        B, bref = self._param(bias, "bias")
+        d = W.ndim - 2
+        opname = self._op_name(name)
+        if groups != 1 or d not in (1, 2):
+            raise UnsupportedModuleError(
+                f"module '{self._path}': gradgraph supports 1-d and 2-d convolutions with groups=1, got a "
+                f"{d}-d convolution with groups={groups}. Grouped/depthwise convolutions need a rule of their own.")
+        conv_fn = F.conv1d if d == 1 else F.conv2d
+        with self.tracer.suspend():
+            out = conv_fn(x, W, B, stride, padding, dilation)
+        kernel = tuple(W.shape[2:])
+        dil = _tuple(dilation, d)
+        lab = self.tracer.get_label(x)
+        insite = self._insite((id(x), 1), opname, x, x.movedim(1, -1), lab, want=(1,))
+        outsite = self._outsite(out, 1, opname)
+        geometry = {"kernel": kernel, "stride": _tuple(stride, d), "dilation": dil,
+                    "padding": conv_padding(padding, kernel, dil)}
+        self._record(opname, "conv", insite, outsite, wref, bref, geometry)
+        return out
+
+    def diag(self, x: Tensor, x_hat: Tensor, weight=None, bias=None, axis: int = -1, buffers=(),
+             name: str | None = None) -> Tensor:
+        """Elementwise affine ``y = x_hat * w + b`` along ``axis`` (LayerNorm, eval BatchNorm). ``x`` is the
+        module input (for the dataflow), ``x_hat`` the normalized input (the activation the weight sees).
+        ``buffers`` are per-neuron buffers (running statistics) that a permutation must move as well."""
+        axis = axis % x.ndim
+        W, wref = self._param(weight, "weight")
+        B, bref = self._param(bias, "bias")
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        with self.tracer.suspend():
+            out = x_hat * W.view(shape) if W is not None else x_hat * 1.0
+            if B is not None:
+                out = out + B.view(shape)
+        opname = self._op_name(name)
+        lab = self.tracer.get_label(x)
+        insite = self._insite((id(x), "diag", len(self.ops)), opname, x, x_hat.movedim(axis, -1), lab,
+                              want=(axis,))
+        outsite = self._outsite(out, axis, opname, space=insite.space)
+        names = tuple(self._buffer_names[id(b)] for b in buffers if id(b) in self._buffer_names)
+        self._record(opname, "diag", insite, outsite, wref, bref, {"buffers": names})
+        return out
+
+    def embedding(self, ids: Tensor, weight, padding_idx: int | None = None, name: str | None = None) -> Tensor:
+        """A lookup table ``W[ids]`` ([b, ...] long -> [b, ..., d]). The vocabulary entries are input nodes
+        whose activation is one-hot; the graph stores the token ids, not the one-hot matrix."""
+        W, wref = self._param(weight, "weight")
+        with self.tracer.suspend():
+            out = F.embedding(ids, W, padding_idx)
+        opname = self._op_name(name)
+        space = self.spaces.new(f"{opname}.vocab", W.shape[0], "input")
+        insite = self._insite((id(ids), "embedding", len(self.ops)), opname, ids, ids, None, want=(),
+                              kind="onehot", n=W.shape[0], space=space)
+        outsite = self._outsite(out, out.ndim - 1, opname)
+        pad = None if padding_idx is None else padding_idx % W.shape[0]
+        self._record(opname, "embedding", insite, outsite, wref, None, {"padding_idx": pad})
+        return out
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _op_name(self, suffix: str | None) -> str:
+        base = self._path or "<root>"
+        name = f"{base}:{suffix}" if suffix else base
+        self._names[name] += 1
+        return name if self._names[name] == 1 else f"{name}#{self._names[name]}"
+
+    def _param(self, p, what: str):
+        if p is None:
+            return None, None
+        rows = None
+        if isinstance(p, Rows):
+            rows = (p.start, p.stop)
+            tensor, p = p.param[p.start:p.stop], p.param
+        else:
+            tensor = p
+        name = self._param_names.get(id(p))
+        if name is None:
+            raise UnsupportedModuleError(
+                f"module '{self._path}': the {what} passed to a gradgraph op is not a parameter of the model "
+                "(gradgraph maps every weight back to a parameter name). Pass the nn.Parameter itself, or "
+                "ctx.rows(param, start, stop) for a block of a packed parameter.")
+        self.dtype = self.dtype or tensor.dtype
+        return tensor, ParamRef(name, tuple(p.shape), rows)
+
+    def _check_batch(self, t: Tensor, opname: str, what: str) -> None:
+        if t.ndim == 0 or t.shape[0] != self.batch_size:
+            raise SampleMixingError(
+                f"op '{opname}': its {what} has shape {tuple(t.shape)} but the batch has {self.batch_size} "
+                "samples. gradgraph needs every parameterized op to run per sample with the batch as the first "
+                "axis (an op shared across samples, e.g. a position embedding of shape [T, d], must get its "
+                "input expanded to the batch first).")
+
+    def _insite(self, key, opname, source: Tensor, a: Tensor, lab: Label | None, want, grouped: bool = False,
+                kind: str = "dense", n: int | None = None, space: int | None = None) -> InSite:
+        if key in self.insites:
+            return self.insites[key]
+        self._check_batch(a, opname, "input")
+        origin = None
+        if kind == "dense":
+            n = a.shape[-1]
+            elem_shape = tuple(a.shape[:-1])
+        else:
+            elem_shape = tuple(a.shape)
+        if space is None:
+            if lab is not None and lab.space is not None and lab.axes == tuple(want) and bool(lab.group) == grouped:
+                space, origin = lab.space, lab.origin
+            elif lab is not None and lab.space is not None:
+                self.spaces.fix(lab.space, f"used by op '{opname}' along an axis the tracer did not follow")
+                space = self.spaces.new(f"{opname}.in", n)
+                self.spaces.fix(space, f"reached op '{opname}' through ops gradgraph cannot follow")
+            else:
+                space = self.spaces.new(f"{opname}.in", n, "input")
+        site = InSite(key, f"{opname}.in", a.detach(), n, elem_shape, space, origin, kind)
+        self.insites[key] = site
+        self._insite_by_tensor.setdefault(id(source), []).append(site)
+        return site
+
+    def _outsite(self, out: Tensor, axis: int, opname: str, space: int | None = None) -> OutSite:
+        self._check_batch(out, opname, "output")
+        if not out.requires_grad:
+            out.requires_grad_()  # no trainable input upstream: still differentiate the loss w.r.t. it
+        n = out.shape[axis]
+        elem_shape = tuple(s for k, s in enumerate(out.shape) if k != axis)
+        if space is None:
+            space = self.spaces.new(f"{opname}.out", n)
+        site = OutSite(len(self.outsites), f"{opname}.out", n, elem_shape, space, axis)
+        if self.use_hooks:
+            out.register_hook(functools.partial(self._store_grad, site))
+        else:
+            site.grad_edge = get_gradient_edge(out)
+        self.outsites.append(site)
+        self.tracer.set_label(out, Label(space, (axis,), 0, site.id))
+        return site
+
+    @staticmethod
+    def _store_grad(site: OutSite, g: Tensor) -> None:
+        site.g = g.detach().movedim(site.axis, -1)
+
+    def _record(self, name, kind, insite, outsite, wref, bref, geometry) -> None:
+        self.ops.append(OpRecord(name, kind, insite, outsite, wref, bref, geometry))
+
+    # -- after the forward ------------------------------------------------------------------------------
+    def collect_grads(self, total: Tensor) -> None:
+        """Differentiate ``total`` (the sum of per-sample losses) w.r.t. every op output, skipping the
+        weight gradients (they are what the graph represents)."""
+        if not self.outsites:
+            return
+        grads = torch.autograd.grad(total, [s.grad_edge for s in self.outsites], allow_unused=True)
+        for site, g in zip(self.outsites, grads):
+            site.g = None if g is None else g.detach().movedim(site.axis, -1)
+
+    def records(self, grad_scale: float = 1.0, structure_only: bool = False) -> CaptureRecords:
+        """The finished records; raises if a gradient is missing everywhere or contains inf/NaN.
+        ``structure_only`` skips the gradient checks (for building a spec from a forward pass alone)."""
+        if self._calls == 0:
+            raise GradGraphError("the model was never called while gradgraph was recording")
+        if structure_only:
+            return CaptureRecords(self.ops, list(self.insites.values()), self.outsites, self.spaces,
+                                  self.batch_size, self.params, self.buffers, self.dtype)
+        if self.outsites and all(s.g is None for s in self.outsites):
+            raise GradGraphError("no gradient was recorded: call loss.backward() inside the recorder (or after "
+                                 "the forward it recorded) before asking for the graph")
+        for site in self.outsites:
+            if site.g is None:  # this op's output does not influence the loss
+                shape = (self.batch_size,) + site.elem_shape[1:] + (site.n,)
+                site.g = torch.zeros(shape, dtype=self.dtype)
+            if not torch.isfinite(site.g).all():
+                raise NonFiniteGradientError(
+                    f"the output gradient of op '{site.name[:-4]}' contains inf or NaN; check the loss and the "
+                    "inputs (a gradient graph of non-finite values cannot be learned from)")
+        for site in self.insites.values():
+            if site.kind == "dense" and not torch.isfinite(site.a).all():
+                raise NonFiniteGradientError(f"the input activation of op '{site.name[:-3]}' contains inf or NaN")
+        return CaptureRecords(self.ops, list(self.insites.values()), self.outsites, self.spaces, self.batch_size,
+                              self.params, self.buffers, self.dtype, grad_scale)

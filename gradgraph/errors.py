@@ -1,0 +1,31 @@
+"""Exceptions raised by gradgraph. Every message names the module, parameter or file involved and what
+would work instead."""
+
+
+class GradGraphError(Exception):
+    """Base class of gradgraph's errors."""
+
+
+class UnsupportedModuleError(GradGraphError, TypeError):
+    """A module with trainable parameters has no capture rule, or a rule cannot handle its configuration."""
+
+
+class SampleMixingError(GradGraphError, ValueError):
+    """The model mixes samples of the batch (BatchNorm in training mode, a reduction over the batch axis,
+    an op shared across samples), so per-sample gradients are not defined by per-element (a, g) pairs."""
+
+
+class NonFiniteGradientError(GradGraphError, FloatingPointError):
+    """An activation or an output gradient captured for the graph contains inf or NaN."""
+
+
+class LossShapeError(GradGraphError, ValueError):
+    """A loss function did not return one value per sample."""
+
+
+class SetSizeMismatchError(GradGraphError, ValueError):
+    """Graphs with different set sizes were combined where every graph must have the same set size."""
+
+
+class StructureMismatchError(GradGraphError, ValueError):
+    """A symmetry, a parameter dict or a metanetwork output does not match the graph or model it is applied to."""

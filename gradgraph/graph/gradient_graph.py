@@ -1,0 +1,376 @@
+"""GradientGraph: a model's batch gradient as a PyTorch Geometric graph of neurons."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+from torch_geometric.data import Batch, Data
+
+from ..errors import SetSizeMismatchError, StructureMismatchError
+from .ops import KIND_CODES, KINDS, bias_grad
+from .spec import ROLES, GraphSpec
+
+# attribute -> the per-graph count it is offset by when graphs are batched
+_INC = {
+    "entry_node": "num_nodes", "entry_elem": "num_elements", "elem_sample": "num_samples",
+    "elem_group": "num_groups", "node_layer": "num_layers", "node_space": "num_spaces",
+    "layer_node_start": "num_nodes", "layer_space": "num_spaces", "op_in_layer": "num_layers",
+    "op_out_layer": "num_layers", "edge_index": "num_nodes", "edge_op": "num_ops", "wentry_edge": "num_edges",
+    "wentry_theta": "num_params", "bentry_node": "num_nodes", "bentry_theta": "num_params",
+}
+_PREFIXES = ("entry_", "elem_", "node_", "layer_", "op_", "space_", "wentry_", "bentry_", "edge_op")
+EDGE_KEYS = ("edge_index", "edge_op", "wentry_edge", "wentry_offset", "wentry_theta", "bentry_node", "bentry_theta")
+
+
+class GradientGraph(Data):
+    r"""A batch's gradient as a graph: neurons are nodes, weights are edges, and every node carries, for
+    each element of the set (sample, or sample x token/position), its activation ``a`` and pre-activation
+    gradient ``g``. For a linear op the per-sample weight gradient is :math:`\sum_{e \in n} g_e a_e^\top`,
+    so the graph holds the whole gradient in O(neurons x elements) numbers, not O(parameters x samples).
+
+    Built by :func:`gradgraph.capture` or :class:`gradgraph.GradientRecorder`. Shapes (``E`` entries,
+    ``M`` elements, ``N`` nodes, ``L`` layers, ``K`` ops, ``S`` spaces, ``P`` trainable scalars):
+
+    * ``entry_x`` [E, 2]: (a, g) of one node on one element; ``entry_mask`` [E, 2] which of the two exist
+      (input nodes have only ``a``, output nodes only ``g``; a node whose ``a`` and ``g`` live on different
+      elements, e.g. across a pooling layer, has separate a-entries and g-entries).
+    * ``entry_node`` [E], ``entry_elem`` [E]: the entry's node and element.
+    * ``elem_sample`` [M] (the element's sample), ``elem_group`` [M] (its resolution/sequence group),
+      ``elem_pos`` [M] (its position within the sample's spatial grid or sequence).
+    * ``node_layer``, ``node_space``, ``node_pos`` (index within its layer), ``node_depth`` (layer index,
+      not offset by batching), ``node_role`` (0 input, 1 hidden, 2 output), ``node_permutable`` (bool;
+      non-permutable nodes are identified by (depth, pos)), ``node_head`` (attention head within its space,
+      -1 if none): all [N].
+    * ``layer_size``/``layer_node_start``/``layer_space``/``layer_role`` [L]; ``op_kind``/``op_in_layer``/
+      ``op_out_layer``/``op_kernel`` (weights per edge) [K]; ``space_size``/``space_permutable`` [S].
+    * ``spec``: the :class:`~gradgraph.graph.spec.GraphSpec` (names, shapes, parameter layout).
+
+    Edges are implicit until :meth:`materialize_edges` (a dense layer has n_in x n_out of them, which would
+    cost more than the features): it adds ``edge_index`` [2, E_w], ``edge_op`` [E_w], the weight entries
+    ``wentry_edge``/``wentry_offset``/``wentry_theta`` [W] and the bias entries ``bentry_node``/
+    ``bentry_theta`` [B] (W + B = P). Datasets store materialized graphs; call it before batching raw
+    captures if you need edges.
+
+    Parameter-level data lives in *theta order*: the trainable parameters flattened and concatenated in
+    ``model.named_parameters()`` order, ``[P]`` or ``[P, C]`` (:meth:`params_to_graph`/:meth:`graph_to_params`).
+
+    Graphs of different architectures batch with ``torch_geometric.loader.DataLoader``; the batch keeps
+    ``spec`` as a list.
+    """
+
+    # -- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, spec: GraphSpec, entry_x: Tensor, entry_mask: Tensor, entry_node: Tensor,
+                   entry_elem: Tensor) -> "GradientGraph":
+        t = _structure_tensors(spec, entry_x.device)
+        return cls(entry_x=entry_x, entry_mask=entry_mask, entry_node=entry_node, entry_elem=entry_elem,
+                   spec=spec, num_nodes=spec.num_nodes, num_samples=spec.num_samples,
+                   num_elements=spec.num_elements, num_groups=len(spec.groups), num_layers=len(spec.layers),
+                   num_ops=len(spec.ops), num_spaces=len(spec.spaces), num_params=spec.num_params, **t)
+
+    def __inc__(self, key, value, *args, **kwargs):
+        if key in _INC:
+            return getattr(self, _INC[key])
+        return super().__inc__(key, value, *args, **kwargs)
+
+    def __cat_dim__(self, key, value, *args, **kwargs):
+        if key == "edge_index":
+            return -1
+        if key.startswith(_PREFIXES):
+            return 0
+        return super().__cat_dim__(key, value, *args, **kwargs)
+
+    @property
+    def num_edges(self) -> int:
+        """Number of weight edges (materialized or not)."""
+        if "edge_index" in self._store:
+            return self._store["edge_index"].size(1)
+        return sum(s.num_edges() for s in self.specs)
+
+    @property
+    def specs(self) -> list[GraphSpec]:
+        """The spec of every graph (one for a single graph, one per graph for a batch)."""
+        return list(self.spec) if isinstance(self.spec, (list, tuple)) else [self.spec]
+
+    @property
+    def is_batch(self) -> bool:
+        return isinstance(self, Batch)
+
+    @property
+    def set_size(self) -> int:
+        """Samples in the set (for a batch: the common set size; raises if graphs differ)."""
+        sizes = {s.num_samples for s in self.specs}
+        if len(sizes) != 1:
+            raise SetSizeMismatchError(f"the graphs in this batch have different set sizes {sorted(sizes)}")
+        return sizes.pop()
+
+    # -- features ---------------------------------------------------------------------------------------
+    def layer_features(self, layer: int, which: str) -> Tensor:
+        """Dense ``a`` or ``g`` of one layer: [b, *spatial, n] (token ids [b, *spatial] for a vocabulary)."""
+        self._single("layer_features")
+        spec = self.spec
+        lay = spec.layers[layer]
+        blk = lay.a if which == "a" else lay.g
+        if blk is None:
+            raise ValueError(f"layer '{lay.key}' has no '{which}' (input layers carry only a, output only g)")
+        shape = spec.groups[blk.group]
+        if blk.kind == "onehot":
+            return (self.entry_node[blk.start:blk.start + blk.count] - lay.node_start).view(shape)
+        ch = 0 if which == "a" else 1
+        return self.entry_x[blk.start:blk.start + blk.count, ch].view(*shape, lay.size)
+
+    def per_sample_grads(self) -> dict[str, Tensor]:
+        """Per-sample gradient of every trainable parameter, rebuilt from the graph: name -> [b, *shape]."""
+        return self._grads(per_sample=True)
+
+    def grads(self) -> dict[str, Tensor]:
+        """Gradient of the summed loss (what autograd puts in ``.grad``): name -> [*shape]."""
+        return self._grads(per_sample=False)
+
+    def _grads(self, per_sample: bool) -> dict[str, Tensor]:
+        self._single("per_sample_grads/grads")
+        spec = self.spec
+        b = spec.num_samples
+        lead = (b,) if per_sample else ()
+        out = {p.name: self.entry_x.new_zeros(lead + p.shape) for p in spec.trainable}
+        for op in spec.ops:
+            A = self.layer_features(op.in_layer, "a")
+            G = self.layer_features(op.out_layer, "g")
+            kind = KINDS[op.kind]
+            if spec.theta_range(op.weight) is not None:
+                if op.kind == "embedding":
+                    grad = kind.per_sample_grad(op, A, G, spec.layers[op.in_layer].size)
+                else:
+                    grad = kind.per_sample_grad(op, A, G)
+                grad = grad.reshape((b,) + spec.use_shape(op.weight))
+                _put(out[op.weight.name], op.weight.rows, grad if per_sample else grad.sum(0), per_sample)
+            if spec.theta_range(op.bias) is not None:
+                grad = bias_grad(G)
+                _put(out[op.bias.name], op.bias.rows, grad if per_sample else grad.sum(0), per_sample)
+        return out
+
+    # -- parameters <-> graph -----------------------------------------------------------------------------
+    def params_to_graph(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Encode parameter-shaped tensors in theta order: ``{name: [*shape, *extra]} -> [P, *extra]``.
+        Row ``wentry_theta[w]`` is the weight on edge ``wentry_edge[w]`` (kernel offset ``wentry_offset[w]``),
+        row ``bentry_theta[j]`` the bias of node ``bentry_node[j]``."""
+        self._single("params_to_graph")
+        parts = []
+        for p in self.spec.trainable:
+            if p.name not in params:
+                raise StructureMismatchError(f"params_to_graph: no tensor for parameter '{p.name}' (shape "
+                                             f"{p.shape}); the dict must hold every trainable parameter")
+            t = params[p.name]
+            if tuple(t.shape[:len(p.shape)]) != p.shape:
+                raise StructureMismatchError(f"params_to_graph: '{p.name}' has shape {tuple(t.shape)}, expected "
+                                             f"{p.shape} (optionally followed by channel dims)")
+            parts.append(t.reshape(p.numel, *t.shape[len(p.shape):]))
+        return torch.cat(parts) if parts else self.entry_x.new_zeros(0)
+
+    def graph_to_params(self, theta: Tensor) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Decode theta-order values ``[P]`` or ``[P, C]`` into ``{name: [*shape]}`` (``[*shape, C]`` when
+        C > 1; a trailing channel of size 1 is dropped). On a batch, ``theta`` is every graph's block
+        concatenated (``[sum P, C]``, as a metanetwork returns it) and the result is one dict per graph."""
+        if self.is_batch:
+            sizes = [s.num_params for s in self.specs]
+            if theta.shape[0] != sum(sizes):
+                raise StructureMismatchError(f"graph_to_params: the batch has {sum(sizes)} parameters in all, "
+                                             f"got a tensor with {theta.shape[0]} rows")
+            return [_decode(s, t) for s, t in zip(self.specs, theta.split(sizes))]
+        return _decode(self.spec, theta)
+
+    # -- edges --------------------------------------------------------------------------------------------
+    def materialize_edges(self) -> "GradientGraph":
+        """Store the explicit edge and parameter-entry tensors (see the class docstring); returns self."""
+        if "edge_index" in self._store:
+            return self
+        parts = [_edge_tensors(s) for s in self.specs]
+        if len(parts) == 1:
+            merged = parts[0]
+        else:  # a batch of un-materialized graphs: offset each graph's indices
+            merged = {k: [] for k in EDGE_KEYS}
+            offs = {"num_nodes": 0, "num_edges": 0, "num_params": 0, "num_ops": 0}
+            for s, p in zip(self.specs, parts):
+                for k in EDGE_KEYS:
+                    v = p[k]
+                    if k in _INC:
+                        v = v + offs[_INC[k]]
+                    merged[k].append(v)
+                offs["num_nodes"] += s.num_nodes
+                offs["num_edges"] += s.num_edges()
+                offs["num_params"] += s.num_params
+                offs["num_ops"] += len(s.ops)
+            merged = {k: torch.cat(v, dim=-1 if k == "edge_index" else 0) for k, v in merged.items()}
+        device = self.entry_x.device
+        for k, v in merged.items():
+            self[k] = v.to(device)
+        return self
+
+    # -- views ----------------------------------------------------------------------------------------------
+    def to_networkx(self):
+        """A ``networkx.DiGraph``: nodes with their layer, space, role, position and permutability; one edge
+        per (in-neuron, out-neuron) weight pair with the op name and kind."""
+        import networkx as nx
+
+        self._single("to_networkx")
+        spec = self.spec
+        G = nx.DiGraph()
+        for li, layer in enumerate(spec.layers):
+            space = spec.spaces[layer.space]
+            for i, node in enumerate(layer.nodes):
+                G.add_node(node, layer=layer.key, depth=li, space=space.key, role=layer.role, pos=i,
+                           permutable=space.permutable)
+        for k, op in enumerate(spec.ops):
+            src, dst, _ = KINDS[op.kind].edges(op, spec.layers[op.in_layer].size, spec.layers[op.out_layer].size, 0)
+            s0, d0 = spec.layers[op.in_layer].node_start, spec.layers[op.out_layer].node_start
+            G.add_edges_from(zip((src + s0).tolist(), (dst + d0).tolist()), op=op.name, kind=op.kind,
+                             weights=op.entries_per_edge)
+        return G
+
+    def feature_bytes(self) -> int:
+        """Bytes of the (a, g) features (``entry_x``)."""
+        return self.entry_x.numel() * self.entry_x.element_size()
+
+    def per_sample_grad_bytes(self) -> int:
+        """Bytes that per-sample gradients of every trainable parameter would take (b x P values)."""
+        return sum(s.num_samples * s.num_params for s in self.specs) * self.entry_x.element_size()
+
+    def summary(self) -> str:
+        """A table of neuron spaces, layers and ops, with sizes and memory."""
+        self._single("summary")
+        spec = self.spec
+        lines = [f"GradientGraph: {spec.num_nodes} nodes, {self.num_edges} edges (weights pairs), "
+                 f"{spec.num_samples} samples, {spec.num_elements} elements, {self.entry_x.shape[0]} entries, "
+                 f"{spec.num_params} trainable parameters", "",
+                 f"{'space':38s} {'size':>6s} {'role':>7s} {'perm':>5s} {'heads':>5s}  layers"]
+        for si, s in enumerate(spec.spaces):
+            lays = [lay.key for lay in spec.layers if lay.space == si]
+            lines.append(f"{s.key:38s} {s.size:6d} {s.role:>7s} {'yes' if s.permutable else 'no':>5s} "
+                         f"{s.heads:5d}  {len(lays)}")
+        lines += ["", f"{'layer':38s} {'nodes':>6s} {'a elements':>14s} {'g elements':>14s}"]
+        for lay in spec.layers:
+            def els(blk):
+                return "-" if blk is None else "x".join(map(str, spec.groups[blk.group]))
+            lines.append(f"{lay.key:38s} {lay.size:6d} {els(lay.a):>14s} {els(lay.g):>14s}")
+        lines += ["", f"{'op':38s} {'kind':>9s} {'edges':>8s} {'w/edge':>6s}"]
+        for op in spec.ops:
+            n_in, n_out = spec.layers[op.in_layer].size, spec.layers[op.out_layer].size
+            lines.append(f"{op.name:38s} {op.kind:>9s} {(n_out if op.kind == 'diag' else n_in * n_out):8d} "
+                         f"{op.entries_per_edge:6d}")
+        fb, pb = self.feature_bytes(), self.per_sample_grad_bytes()
+        lines += ["", f"feature bytes {fb:,} vs per-sample gradient bytes {pb:,} (ratio {fb / max(pb, 1):.4f})"]
+        return "\n".join(lines)
+
+    def _single(self, what: str) -> None:
+        if self.is_batch:
+            raise ValueError(f"{what} works on one graph; use batch.to_data_list() or batch.get_example(i)")
+
+
+def _put(target: Tensor, rows, value: Tensor, per_sample: bool) -> None:
+    if rows is None:
+        target.copy_(value)
+    elif per_sample:
+        target[:, rows[0]:rows[1]] = value
+    else:
+        target[rows[0]:rows[1]] = value
+
+
+def _decode(spec: GraphSpec, theta: Tensor) -> dict[str, Tensor]:
+    if theta.shape[0] != spec.num_params:
+        raise StructureMismatchError(f"graph_to_params: the graph has {spec.num_params} trainable parameters, "
+                                     f"got a tensor with {theta.shape[0]} rows")
+    extra = tuple(theta.shape[1:])
+    if extra == (1,):
+        extra = ()
+    return {p.name: theta[p.offset:p.offset + p.numel].reshape(p.shape + extra) for p in spec.trainable}
+
+
+def _structure_tensors(spec: GraphSpec, device) -> dict[str, Tensor]:
+    """Node/layer/op/space/element tables of a spec (cached on the spec, moved to ``device``)."""
+    cached = spec.__dict__.get("_tables")
+    if cached is None:
+        node = {k: [] for k in ("layer", "space", "pos", "role", "permutable", "head")}
+        for li, lay in enumerate(spec.layers):
+            space = spec.spaces[lay.space]
+            n = lay.size
+            pos = torch.arange(n)
+            node["layer"].append(torch.full((n,), li))
+            node["space"].append(torch.full((n,), lay.space))
+            node["pos"].append(pos)
+            node["role"].append(torch.full((n,), ROLES.index(lay.role)))
+            node["permutable"].append(torch.full((n,), space.permutable))
+            node["head"].append(pos // (n // space.heads) if space.heads > 1 else torch.full((n,), -1))
+        t = {f"node_{k}": torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in node.items()}
+        t["node_depth"] = t["node_layer"].clone()
+        t["layer_size"] = torch.tensor([lay.size for lay in spec.layers], dtype=torch.long)
+        t["layer_node_start"] = torch.tensor([lay.node_start for lay in spec.layers], dtype=torch.long)
+        t["layer_space"] = torch.tensor([lay.space for lay in spec.layers], dtype=torch.long)
+        t["layer_role"] = torch.tensor([ROLES.index(lay.role) for lay in spec.layers], dtype=torch.long)
+        t["op_kind"] = torch.tensor([KIND_CODES[op.kind] for op in spec.ops], dtype=torch.long)
+        t["op_in_layer"] = torch.tensor([op.in_layer for op in spec.ops], dtype=torch.long)
+        t["op_out_layer"] = torch.tensor([op.out_layer for op in spec.ops], dtype=torch.long)
+        t["op_kernel"] = torch.tensor([op.entries_per_edge for op in spec.ops], dtype=torch.long)
+        t["space_size"] = torch.tensor([s.size for s in spec.spaces], dtype=torch.long)
+        t["space_permutable"] = torch.tensor([s.permutable for s in spec.spaces], dtype=torch.bool)
+        sample, group, pos = [], [], []
+        for gi, shape in enumerate(spec.groups):
+            per = math.prod(shape[1:])
+            sample.append(torch.arange(shape[0]).repeat_interleave(per))
+            group.append(torch.full((shape[0] * per,), gi))
+            pos.append(torch.arange(per).repeat(shape[0]))
+        t["elem_sample"] = torch.cat(sample) if sample else torch.zeros(0, dtype=torch.long)
+        t["elem_group"] = torch.cat(group) if group else torch.zeros(0, dtype=torch.long)
+        t["elem_pos"] = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
+        object.__setattr__(spec, "_tables", t)
+        cached = t
+    return {k: v.to(device) for k, v in cached.items()}
+
+
+def _edge_tensors(spec: GraphSpec) -> dict[str, Tensor]:
+    cached = spec.__dict__.get("_edges")
+    if cached is not None:
+        return cached
+    ei, eop, we, wo, wt, bn, bt = [], [], [], [], [], [], []
+    n_edges = 0
+    for k, op in enumerate(spec.ops):
+        lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
+        w_range = spec.theta_range(op.weight)
+        src, dst, theta = KINDS[op.kind].edges(op, lin.size, lout.size, w_range[0] if w_range else 0)
+        ei.append(torch.stack([src + lin.node_start, dst + lout.node_start]))
+        eop.append(torch.full((src.numel(),), k))
+        if w_range is not None:
+            K = theta.shape[1]
+            we.append((n_edges + torch.arange(src.numel())).repeat_interleave(K))
+            wo.append(torch.arange(K).repeat(src.numel()))
+            wt.append(theta.reshape(-1))
+        b_range = spec.theta_range(op.bias)
+        if b_range is not None:
+            bn.append(lout.node_start + torch.arange(lout.size))
+            bt.append(torch.arange(*b_range))
+        n_edges += src.numel()
+
+    def cat(xs, dim=0):
+        return torch.cat(xs, dim) if xs else torch.zeros((2, 0) if dim == 1 else 0, dtype=torch.long)
+
+    cached = {"edge_index": cat(ei, 1), "edge_op": cat(eop), "wentry_edge": cat(we), "wentry_offset": cat(wo),
+              "wentry_theta": cat(wt), "bentry_node": cat(bn), "bentry_theta": cat(bt)}
+    object.__setattr__(spec, "_edges", cached)
+    return cached
+
+
+def require_set_size(graph: GradientGraph, size: int | None = None) -> int:
+    """The common set size of a graph or batch; raises :class:`SetSizeMismatchError` if the graphs differ or
+    differ from ``size``. Models that flatten the set into features need one fixed size."""
+    b = graph.set_size
+    if size is not None and b != size:
+        raise SetSizeMismatchError(f"this model was built for sets of {size} samples, got graphs with {b}; "
+                                   "capture every graph with the same batch size (or use an equivariant model, "
+                                   "which accepts any set size)")
+    return b
+
+
+def shallow_copy(graph: GradientGraph) -> GradientGraph:
+    return copy.copy(graph)

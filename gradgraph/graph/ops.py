@@ -1,0 +1,118 @@
+"""What each op kind means for the graph: how its weights are laid out as edges, how a per-sample weight
+gradient is rebuilt from the ``a`` of its input nodes and the ``g`` of its output nodes, and how a neuron
+permutation acts on its weights. One class per kind, looked up by ``OpSpec.kind``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import OpSpec
+
+
+def _conv_grad(A: Tensor, G: Tensor, op: OpSpec, kernel, stride, padding, dilation) -> Tensor:
+    """Per-sample conv weight gradient. A: [b, *in_spatial, C], G: [b, *out_spatial, O] -> [b, O, C, *kernel]."""
+    b, C, O = A.shape[0], A.shape[-1], G.shape[-1]
+    x = A.movedim(-1, 1)
+    if x.ndim == 3:  # 1-d: a 2-d map of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1,) + tuple(kernel), (1,) + tuple(stride), (1,) + tuple(dilation)
+        padding = ((0, 0),) + tuple(padding)
+    pads = [p for lo_hi in reversed(padding) for p in lo_hi]
+    if any(pads):
+        x = F.pad(x, pads)
+    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [b, C*K, L]
+    g = G.reshape(b, -1, O)  # [b, L, O]
+    grad = torch.einsum("blo,bkl->bok", g, patches)
+    return grad.reshape(b, O, C, *[k for k in op.kernel]) if op.kind == "conv" else grad.reshape(b, O, -1)
+
+
+class LinearKind:
+    """``y = W x + b`` with W [n_out, n_in * K]; K > 1 when the input is a flattened conv map whose channels
+    are the in-nodes (each edge then carries the K weights of one channel's map)."""
+
+    @staticmethod
+    def edges(op: OpSpec, n_in: int, n_out: int, theta_start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Local (src, dst) node indices of the op's edges and the theta index of each weight, [E, K]."""
+        K = op.entries_per_edge
+        dst = torch.arange(n_out).repeat_interleave(n_in)
+        src = torch.arange(n_in).repeat(n_out)
+        theta = theta_start + (dst * n_in + src)[:, None] * K + torch.arange(K)
+        return src, dst, theta
+
+    @staticmethod
+    def per_sample_grad(op: OpSpec, A: Tensor, G: Tensor) -> Tensor:
+        if op.kernel:  # linear on a flattened map: a conv whose kernel is the whole map
+            return _conv_grad(A, G, op, op.kernel, (1,) * len(op.kernel), ((0, 0),) * len(op.kernel),
+                              (1,) * len(op.kernel))
+        b = A.shape[0]
+        return torch.einsum("bso,bsi->boi", G.reshape(b, -1, G.shape[-1]), A.reshape(b, -1, A.shape[-1]))
+
+    @staticmethod
+    def permute_weight(op: OpSpec, W: Tensor, p_in: Tensor, p_out: Tensor, dim: int) -> Tensor:
+        K = op.entries_per_edge
+        W = W.index_select(dim, p_out)
+        if op.kind == "linear" and K > 1:
+            p_in = (p_in[:, None] * K + torch.arange(K)).reshape(-1)
+        return W.index_select(dim + 1, p_in)
+
+
+class ConvKind(LinearKind):
+    """N-d convolution, W [n_out, n_in, *kernel]; channels are nodes, an edge carries its kernel."""
+
+    @staticmethod
+    def per_sample_grad(op: OpSpec, A: Tensor, G: Tensor) -> Tensor:
+        return _conv_grad(A, G, op, op.kernel, op.stride, op.padding, op.dilation)
+
+
+class DiagKind:
+    """Elementwise affine ``y_i = w_i x_hat_i + b_i`` (LayerNorm, eval BatchNorm): edge i -> i."""
+
+    @staticmethod
+    def edges(op: OpSpec, n_in: int, n_out: int, theta_start: int):
+        idx = torch.arange(n_out)
+        return idx, idx, theta_start + idx[:, None]
+
+    @staticmethod
+    def per_sample_grad(op: OpSpec, A: Tensor, G: Tensor) -> Tensor:
+        b = A.shape[0]
+        return (A * G).reshape(b, -1, A.shape[-1]).sum(1)
+
+    @staticmethod
+    def permute_weight(op: OpSpec, W: Tensor, p_in: Tensor, p_out: Tensor, dim: int) -> Tensor:
+        return W.index_select(dim, p_out)
+
+
+class EmbeddingKind:
+    """Lookup ``y = W[id]`` with W [n_in = vocabulary, n_out]: the in-nodes are vocabulary entries."""
+
+    @staticmethod
+    def edges(op: OpSpec, n_in: int, n_out: int, theta_start: int):
+        src = torch.arange(n_in).repeat_interleave(n_out)
+        dst = torch.arange(n_out).repeat(n_in)
+        return src, dst, theta_start + (src * n_out + dst)[:, None]
+
+    @staticmethod
+    def per_sample_grad(op: OpSpec, ids: Tensor, G: Tensor, vocab: int) -> Tensor:
+        b, d = G.shape[0], G.shape[-1]
+        flat = (ids.reshape(b, -1) + vocab * torch.arange(b, device=ids.device)[:, None]).reshape(-1)
+        grad = torch.zeros(b * vocab, d, dtype=G.dtype, device=G.device)
+        grad.index_add_(0, flat, G.reshape(-1, d))
+        grad = grad.view(b, vocab, d)
+        if op.padding_idx is not None:
+            grad[:, op.padding_idx] = 0
+        return grad
+
+    @staticmethod
+    def permute_weight(op: OpSpec, W: Tensor, p_in: Tensor, p_out: Tensor, dim: int) -> Tensor:
+        return W.index_select(dim + 1, p_out)
+
+
+KINDS = {"linear": LinearKind, "conv": ConvKind, "diag": DiagKind, "embedding": EmbeddingKind}
+KIND_CODES = {name: i for i, name in enumerate(KINDS)}
+
+
+def bias_grad(G: Tensor) -> Tensor:
+    """Per-sample bias gradient: the sample's output gradients summed over its elements. [b, n_out]."""
+    return G.reshape(G.shape[0], -1, G.shape[-1]).sum(1)
+
