@@ -96,6 +96,7 @@ class CaptureSession:
         self._names = Counter()
         self._patched: list[tuple[nn.Module, object]] = []
         self._insite_by_tensor: dict[int, list[InSite]] = {}
+        self._alive: list[Tensor] = []
         self._calls = 0
 
     # -- patching ---------------------------------------------------------------------------------------
@@ -309,6 +310,7 @@ class CaptureSession:
             else:
                 space = self.spaces.new(f"{opname}.in", n, "input")
         site = InSite(key, f"{opname}.in", a.detach(), n, elem_shape, space, origin, kind)
+        self._alive.append(source)  # keys use id(source): it must not be freed and its id reused
         self.insites[key] = site
         self._insite_by_tensor.setdefault(id(source), []).append(site)
         return site

@@ -584,9 +584,9 @@ class DataflowTracer(TorchFunctionMode):
         if kwargs.get("enable_gqa") or any(lab is None or lab.space is None or lab.group for lab in labs):
             return self._unknown("scaled_dot_product_attention", labeled)
         nd = qkv[0].ndim
-        if nd == 4:
-            want = ((1, 3),)
-        elif nd == 3:
+        if nd == 4:  # [b, heads, T, dh]; with one head the size-1 head axis is not tracked
+            want = ((1, 3),) if qkv[0].shape[1] > 1 else ((1, 3), (3,))
+        elif nd == 3:  # [b, T, d]: one head
             want = ((2,),)
         else:
             return self._unknown("scaled_dot_product_attention", labeled)

@@ -242,14 +242,19 @@ class GradientGraph(Data):
         """A table of neuron spaces, layers and ops, with sizes and memory."""
         self._single("summary")
         spec = self.spec
-        lines = [f"GradientGraph: {spec.num_nodes} nodes, {self.num_edges} edges (weights pairs), "
-                 f"{spec.num_samples} samples, {spec.num_elements} elements, {self.entry_x.shape[0]} entries, "
+        lines = [f"GradientGraph: {spec.num_nodes} nodes, {self.num_edges} edges (in-neuron, out-neuron pairs), "
+                 f"{spec.num_samples} samples, {spec.num_elements} set elements, {self.entry_x.shape[0]} entries, "
                  f"{spec.num_params} trainable parameters", "",
-                 f"{'space':38s} {'size':>6s} {'role':>7s} {'perm':>5s} {'heads':>5s}  layers"]
+                 f"{'neuron space':38s} {'size':>5s} {'role':>7s} {'perm':>4s} {'heads':>5s} {'layers':>6s} "
+                 f"{'nodes':>6s} {'edges in':>8s}"]
+        edges_into = [0] * len(spec.spaces)
+        for op in spec.ops:
+            n_in, n_out = spec.layers[op.in_layer].size, spec.layers[op.out_layer].size
+            edges_into[spec.layers[op.out_layer].space] += n_out if op.kind == "diag" else n_in * n_out
         for si, s in enumerate(spec.spaces):
-            lays = [lay.key for lay in spec.layers if lay.space == si]
-            lines.append(f"{s.key:38s} {s.size:6d} {s.role:>7s} {'yes' if s.permutable else 'no':>5s} "
-                         f"{s.heads:5d}  {len(lays)}")
+            lays = [lay for lay in spec.layers if lay.space == si]
+            lines.append(f"{s.key:38s} {s.size:5d} {s.role:>7s} {'yes' if s.permutable else 'no':>4s} "
+                         f"{s.heads:5d} {len(lays):6d} {sum(lay.size for lay in lays):6d} {edges_into[si]:8d}")
         lines += ["", f"{'layer':38s} {'nodes':>6s} {'a elements':>14s} {'g elements':>14s}"]
         for lay in spec.layers:
             def els(blk):

@@ -1,0 +1,168 @@
+"""Every refusal is explicit: unsupported modules, sample mixing, non-finite values, bad losses, weight
+sharing, unused parameters."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradgraph
+from gradgraph.losses import per_sample_mse
+
+
+class RawParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.inner = nn.Module()
+        self.inner.w = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):
+        return self.lin(x) @ self.inner.w
+
+
+def test_unsupported_module_names_path_type_and_alternatives():
+    with pytest.raises(gradgraph.UnsupportedModuleError) as e:
+        gradgraph.capture(RawParam(), torch.randn(4, 3))
+    msg = str(e.value)
+    assert "'inner'" in msg and "torch.nn.modules.module.Module" in msg and "['w']" in msg
+    assert "Linear" in msg and "register_rule" in msg and "requires_grad_(False)" in msg
+
+
+def test_frozen_unsupported_parameters_are_fine():
+    m = RawParam()
+    m.inner.w.requires_grad_(False)
+    g = gradgraph.capture(m, torch.randn(4, 3))
+    assert set(g.per_sample_grads()) == {"lin.weight", "lin.bias"}
+
+
+def test_subclass_overriding_forward_needs_its_own_rule():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="Doubled"):
+        gradgraph.capture(nn.Sequential(Doubled(2, 2)), torch.randn(3, 2))
+
+
+def test_custom_rule_with_packed_weights():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.weight[:3].T) @ self.weight[3:].T
+
+    @gradgraph.register_rule(Packed)
+    def packed_rule(ctx, m, x):
+        h = torch.tanh(ctx.linear(x, ctx.rows(m.weight, 0, 3), name="first"))
+        return ctx.linear(h, ctx.rows(m.weight, 3, 6), name="second")
+
+    from conftest import assert_tensors_close, reference_per_sample_grads
+
+    m = Packed()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    g = gradgraph.capture(m, x, y, per_sample_mse)
+    assert_tensors_close(g.per_sample_grads(), reference_per_sample_grads(m, x, y, per_sample_mse))
+    assert [op.name for op in g.spec.ops] == ["<root>:first", "<root>:second"]
+
+
+def test_batchnorm_in_training_mode_is_refused():
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 1))
+    with pytest.raises(gradgraph.SampleMixingError, match="eval"):
+        gradgraph.capture(m, torch.randn(3, 1, 4, 4))
+    m.eval()
+    gradgraph.capture(m, torch.randn(3, 1, 4, 4))
+
+
+def test_reduction_over_the_batch_is_refused():
+    class BatchMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h - h.mean(0, keepdim=True))
+
+    with pytest.raises(gradgraph.SampleMixingError, match="batch axis"):
+        gradgraph.capture(BatchMean(), torch.randn(4, 2))
+
+
+def test_op_shared_across_samples_is_refused():
+    class SharedPos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(5, 4), nn.Embedding(3, 4)
+
+        def forward(self, idx):
+            return self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+
+    with pytest.raises(gradgraph.SampleMixingError, match="expand"):
+        gradgraph.capture(SharedPos(), torch.randint(5, (2, 3)))
+    with pytest.raises(gradgraph.SampleMixingError, match="expand"):  # T == b: caught by the broadcast check
+        gradgraph.capture(SharedPos(), torch.randint(5, (3, 3)))
+
+
+def test_non_finite_gradients_are_refused():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    x = torch.randn(3, 2)
+    x[1, 0] = float("inf")
+    with pytest.raises(gradgraph.NonFiniteGradientError, match="'0'|'1'"):
+        gradgraph.capture(m, x)
+    with pytest.raises(gradgraph.NonFiniteGradientError):
+        gradgraph.capture(m, torch.randn(3, 2), torch.randn(3, 1), lambda o, y: (o - y).sum(1) / 0.0)
+
+
+def test_loss_must_be_per_sample():
+    m = nn.Linear(2, 1)
+    x, y = torch.randn(3, 2), torch.randn(3, 1)
+    with pytest.raises(gradgraph.LossShapeError, match=r"shape \[3\]"):
+        gradgraph.capture(m, x, y, lambda o, t: F.mse_loss(o, t))
+    with pytest.raises(gradgraph.LossShapeError):
+        gradgraph.capture(m, x, y, lambda o, t: F.mse_loss(o, t, reduction="none"))  # [3, 1]
+    with pytest.raises(gradgraph.LossShapeError, match="tensor output"):
+        gradgraph.capture(nn.Sequential(nn.Linear(2, 2), _Tuple()), x)
+
+
+class _Tuple(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
+def test_weight_sharing_is_refused():
+    lin = nn.Linear(3, 3)
+    with pytest.raises(gradgraph.GradGraphError, match="more than one op"):
+        gradgraph.capture(nn.Sequential(lin, nn.ReLU(), lin), torch.randn(2, 3))
+
+
+def test_unused_parameters_are_named():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="spare.weight"):
+        gradgraph.capture(Unused(), torch.randn(3, 2))
+
+
+def test_unsupported_configurations_explain_themselves():
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="groups=1"):
+        gradgraph.capture(nn.Conv2d(4, 4, 3, groups=2), torch.randn(2, 4, 5, 5))
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="batch_first"):
+        mha = nn.MultiheadAttention(4, 2)
+        gradgraph.capture(_SelfAttn(mha), torch.randn(3, 2, 4))
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="max_norm"):
+        gradgraph.capture(nn.Embedding(5, 3, max_norm=1.0), torch.randint(5, (2, 3)))
+
+
+class _SelfAttn(nn.Module):
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0]

@@ -1,0 +1,160 @@
+"""GradientGraph: layout, parameter round trip, edges, batching of mixed architectures, networkx view."""
+import pytest
+import torch
+from torch_geometric.loader import DataLoader
+
+import gradgraph
+from cases import make
+from gradgraph.graph import require_set_size
+
+FAMILIES = ["mlp", "cnn", "conv1d", "gpt", "transformer_encoder", "residual"]
+
+
+def _graph(family, seed=0):
+    c = make(family, seed)
+    return c, gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_entries_hold_the_recorded_activations(family):
+    c, g = _graph(family)
+    spec = g.spec
+    assert g.entry_x.shape == (spec.num_entries, 2)
+    assert int(g.entry_node.max()) < g.num_nodes and int(g.entry_elem.max()) < spec.num_elements
+    # features exist exactly where the mask says so; every node except unused vocabulary entries has entries
+    dense = torch.cat([torch.tensor(list(lay.nodes)) for lay in spec.layers if lay.a is None or lay.a.kind == "dense"])
+    assert torch.isin(dense, g.entry_node).all()
+    assert not g.entry_x[~g.entry_mask].any()
+    # the first layer's a is the model input (neuron axis last)
+    first = g.layer_features(0, "a")
+    x = c.inputs
+    if x.is_floating_point():
+        if family == "conv1d" and c.model.c1.padding_mode == "reflect":  # the conv sees the padded map
+            x = torch.nn.functional.pad(x, (1, 1), mode="reflect")
+        want = x.movedim(1, -1) if x.ndim > 2 and family in ("cnn", "conv1d") else x
+        torch.testing.assert_close(first, want)
+    else:
+        assert torch.equal(first, x)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_params_round_trip_is_exact(family):
+    c, g = _graph(family)
+    params = {n: p.detach() for n, p in c.model.named_parameters()}
+    theta = g.params_to_graph(params)
+    assert theta.shape == (g.num_params,)
+    back = g.graph_to_params(theta)
+    assert all(torch.equal(back[k], params[k]) for k in params)
+    chan = {k: torch.stack([v, -v, 2 * v], -1) for k, v in params.items()}
+    back = g.graph_to_params(g.params_to_graph(chan))
+    assert all(torch.equal(back[k], chan[k]) for k in params)
+    with pytest.raises(gradgraph.StructureMismatchError):
+        g.params_to_graph({k: v for k, v in list(params.items())[1:]})
+    with pytest.raises(gradgraph.StructureMismatchError):
+        g.graph_to_params(theta[:-1])
+
+
+def _expected_weight_entries(g, params):
+    """Independent reading of every weight entry from the parameter tensors, per op kind."""
+    spec = g.spec
+    vals = torch.empty(g.wentry_theta.numel(), dtype=torch.float64)
+    src, dst = g.edge_index
+    for k, op in enumerate(spec.ops):
+        if op.weight is None:
+            continue
+        lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
+        W = params[op.weight.name]
+        if op.weight.rows:
+            W = W[op.weight.rows[0]:op.weight.rows[1]]
+        sel = (g.edge_op[g.wentry_edge] == k).nonzero().squeeze(1)
+        e = g.wentry_edge[sel]
+        i, j, o = src[e] - lin.node_start, dst[e] - lout.node_start, g.wentry_offset[sel]
+        if op.kind == "embedding":
+            vals[sel] = W[i, j]
+        elif op.kind == "diag":
+            vals[sel] = W[j]
+        else:
+            vals[sel] = W.reshape(lout.size, lin.size, -1)[j, i, o]
+    return vals
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edges_map_each_weight_to_its_neurons(family):
+    c, g = _graph(family)
+    g.materialize_edges()
+    params = {n: p.detach() for n, p in c.model.named_parameters()}
+    theta = g.params_to_graph(params)
+    assert g.edge_index.shape == (2, g.num_edges) == (2, g.spec.num_edges())
+    # every trainable scalar is exactly one weight entry or one bias entry
+    assert torch.equal(torch.sort(torch.cat([g.wentry_theta, g.bentry_theta])).values, torch.arange(g.num_params))
+    torch.testing.assert_close(theta[g.wentry_theta], _expected_weight_entries(g, params))
+    # bias entries sit on the op's output nodes, in order
+    for op in g.spec.ops:
+        if op.bias is not None:
+            b = params[op.bias.name]
+            b = b[op.bias.rows[0]:op.bias.rows[1]] if op.bias.rows else b
+            nodes = torch.tensor(list(g.spec.layers[op.out_layer].nodes))
+            sel = torch.isin(g.bentry_node, nodes) & torch.isin(g.bentry_theta, torch.arange(*g.spec.theta_range(op.bias)))
+            torch.testing.assert_close(theta[g.bentry_theta[sel]], b)
+
+
+def test_mixed_architectures_batch_and_unbatch():
+    graphs = [_graph(f, 1)[1] for f in ("mlp", "cnn", "gpt", "transformer_encoder")]
+    for gr in graphs[:2]:
+        gr.materialize_edges()
+    raw = [_graph(f, 1)[1] for f in ("mlp", "cnn", "gpt", "transformer_encoder")]
+    batch = next(iter(DataLoader(raw, batch_size=4)))
+    assert batch.num_graphs == 4 and batch.num_nodes == sum(gr.num_nodes for gr in raw)
+    # indices point into each graph's own block
+    assert torch.equal(batch.batch[batch.entry_node], torch.repeat_interleave(
+        torch.arange(4), torch.tensor([gr.entry_x.shape[0] for gr in raw])))
+    per_sample_graph = torch.repeat_interleave(torch.arange(4), torch.tensor([gr.num_samples for gr in raw]))
+    assert torch.equal(per_sample_graph[batch.elem_sample[batch.entry_elem]], batch.batch[batch.entry_node])
+    for gr, back in zip(raw, batch.to_data_list()):
+        assert torch.equal(gr.entry_x, back.entry_x) and torch.equal(gr.entry_elem, back.entry_elem)
+        assert back.spec is gr.spec or back.spec == gr.spec
+        assert back.per_sample_grads().keys() == gr.per_sample_grads().keys()
+    # edges materialized on the batch equal the per-graph edges batched by PyG
+    batch.materialize_edges()
+    for gr in raw:
+        gr.materialize_edges()
+    rebatched = next(iter(DataLoader(raw, batch_size=4)))
+    for key in ("edge_index", "edge_op", "wentry_edge", "wentry_theta", "bentry_node", "bentry_theta"):
+        assert torch.equal(batch[key], rebatched[key]), key
+    # decoding a batch gives one dict per graph
+    theta = torch.randn(sum(gr.num_params for gr in raw), dtype=torch.float64)
+    dicts = batch.graph_to_params(theta)
+    for gr, d, t in zip(raw, dicts, theta.split([gr.num_params for gr in raw])):
+        assert all(torch.equal(d[k], v) for k, v in gr.graph_to_params(t).items())
+
+
+def test_set_size_checks():
+    c, a = _graph("mlp", 0)
+    b = gradgraph.capture(c.model, c.inputs[:2], c.targets[:2], c.loss_fn)
+    assert a.num_samples != b.num_samples
+    batch = next(iter(DataLoader([a, b], batch_size=2)))
+    with pytest.raises(gradgraph.SetSizeMismatchError):
+        require_set_size(batch)
+    assert require_set_size(a) == a.num_samples
+    with pytest.raises(gradgraph.SetSizeMismatchError, match="sets of 99"):
+        require_set_size(a, 99)
+
+
+def test_to_networkx():
+    _, g = _graph("cnn", 2)
+    nxg = g.to_networkx()
+    assert nxg.number_of_nodes() == g.num_nodes and nxg.number_of_edges() == g.num_edges
+    roles = {d["role"] for _, d in nxg.nodes(data=True)}
+    assert roles == {"input", "hidden", "output"}
+    kinds = {d["kind"] for _, _, d in nxg.edges(data=True)}
+    assert "conv" in kinds
+
+
+def test_feature_bytes_are_linear_in_neurons():
+    """For a wide MLP the features cost (d_in + d_out)/(d_in d_out) of per-sample gradients per layer."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    g = gradgraph.capture(m, torch.randn(8, 256))
+    ratio = g.feature_bytes() / g.per_sample_grad_bytes()
+    assert ratio < 0.03  # 2 floats per neuron and sample vs ~65k weights per sample
+    assert "feature bytes" in g.summary()
