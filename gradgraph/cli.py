@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
     p.set_defaults(func=cmd_inspect)
+    from .bench import add_bench_parsers
+
+    add_bench_parsers(sub)
     return parser
 
 
