@@ -10,21 +10,43 @@ from torch import Tensor
 from .spec import OpSpec
 
 
-def _conv_grad(A: Tensor, G: Tensor, op: OpSpec, kernel, stride, padding, dilation) -> Tensor:
-    """Per-sample conv weight gradient. A: [b, *in_spatial, C], G: [b, *out_spatial, O] -> [b, O, C, *kernel]."""
-    b, C, O = A.shape[0], A.shape[-1], G.shape[-1]
-    x = A.movedim(-1, 1)
-    if x.ndim == 3:  # 1-d: a 2-d map of height 1
-        x = x.unsqueeze(2)
+def conv_geometry(op: OpSpec):
+    """(kernel, stride, per-side padding, dilation) of a conv op, or of a linear op on a flattened map
+    (a conv whose kernel is the whole map)."""
+    if op.kind == "conv":
+        return op.kernel, op.stride, op.padding, op.dilation
+    d = len(op.kernel)
+    return op.kernel, (1,) * d, ((0, 0),) * d, (1,) * d
+
+
+def conv_patches(maps: Tensor, op: OpSpec) -> Tensor:
+    """Unfold input maps [B, C, *spatial] into the patches each output position sees: [B, C * K, L]
+    (K kernel entries, L output positions). 1-d maps are treated as 2-d maps of height 1."""
+    kernel, stride, padding, dilation = conv_geometry(op)
+    if maps.ndim == 3:
+        maps = maps.unsqueeze(2)
         kernel, stride, dilation = (1,) + tuple(kernel), (1,) + tuple(stride), (1,) + tuple(dilation)
         padding = ((0, 0),) + tuple(padding)
     pads = [p for lo_hi in reversed(padding) for p in lo_hi]
     if any(pads):
-        x = F.pad(x, pads)
-    patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [b, C*K, L]
-    g = G.reshape(b, -1, O)  # [b, L, O]
-    grad = torch.einsum("blo,bkl->bok", g, patches)
-    return grad.reshape(b, O, C, *[k for k in op.kernel]) if op.kind == "conv" else grad.reshape(b, O, -1)
+        maps = F.pad(maps, pads)
+    return F.unfold(maps, kernel, dilation=dilation, stride=stride)
+
+
+def _conv_grad(A: Tensor, G: Tensor, op: OpSpec) -> Tensor:
+    """Per-sample conv weight gradient. A: [b, *in_spatial, C], G: [b, *out_spatial, O] -> [b, O, C * K]."""
+    b, O = A.shape[0], G.shape[-1]
+    patches = conv_patches(A.movedim(-1, 1), op)  # [b, C*K, L]
+    return torch.einsum("blo,bkl->bok", G.reshape(b, -1, O), patches)
+
+
+def kernel_coords(op: OpSpec) -> Tensor:
+    """Position of each of an edge's K weights inside its kernel (or flattened map), scaled to [-1, 1]:
+    [K, 2] (1-d kernels use the second column; plain weights are at 0)."""
+    kernel = tuple(op.kernel) or (1,)
+    axes = [torch.linspace(-1, 1, k) if k > 1 else torch.zeros(1) for k in kernel]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(kernel))
+    return grid if grid.shape[1] == 2 else torch.cat([torch.zeros(grid.shape[0], 1), grid], 1)
 
 
 class LinearKind:
@@ -41,10 +63,16 @@ class LinearKind:
         return src, dst, theta
 
     @staticmethod
+    def theta_index(op: OpSpec, n_in: int, n_out: int, theta_start: int) -> Tensor:
+        """Theta position of every weight in the canonical layout [n_out, n_in, K]."""
+        K = op.entries_per_edge
+        return theta_start + (torch.arange(n_out)[:, None, None] * n_in + torch.arange(n_in)[None, :, None]) * K \
+            + torch.arange(K)
+
+    @staticmethod
     def per_sample_grad(op: OpSpec, A: Tensor, G: Tensor) -> Tensor:
         if op.kernel:  # linear on a flattened map: a conv whose kernel is the whole map
-            return _conv_grad(A, G, op, op.kernel, (1,) * len(op.kernel), ((0, 0),) * len(op.kernel),
-                              (1,) * len(op.kernel))
+            return _conv_grad(A, G, op)
         b = A.shape[0]
         return torch.einsum("bso,bsi->boi", G.reshape(b, -1, G.shape[-1]), A.reshape(b, -1, A.shape[-1]))
 
@@ -62,7 +90,7 @@ class ConvKind(LinearKind):
 
     @staticmethod
     def per_sample_grad(op: OpSpec, A: Tensor, G: Tensor) -> Tensor:
-        return _conv_grad(A, G, op, op.kernel, op.stride, op.padding, op.dilation)
+        return _conv_grad(A, G, op)
 
 
 class DiagKind:
@@ -72,6 +100,11 @@ class DiagKind:
     def edges(op: OpSpec, n_in: int, n_out: int, theta_start: int):
         idx = torch.arange(n_out)
         return idx, idx, theta_start + idx[:, None]
+
+    @staticmethod
+    def theta_index(op: OpSpec, n_in: int, n_out: int, theta_start: int) -> Tensor:
+        """Theta position of every weight in the canonical layout [n_out, 1, 1] (edge j -> j)."""
+        return theta_start + torch.arange(n_out)[:, None, None]
 
     @staticmethod
     def per_sample_grad(op: OpSpec, A: Tensor, G: Tensor) -> Tensor:
@@ -85,6 +118,11 @@ class DiagKind:
 
 class EmbeddingKind:
     """Lookup ``y = W[id]`` with W [n_in = vocabulary, n_out]: the in-nodes are vocabulary entries."""
+
+    @staticmethod
+    def theta_index(op: OpSpec, n_in: int, n_out: int, theta_start: int) -> Tensor:
+        """Theta position of every weight in the canonical layout [n_out, n_in, 1] (W is [n_in, n_out])."""
+        return theta_start + torch.arange(n_in)[None, :, None] * n_out + torch.arange(n_out)[:, None, None]
 
     @staticmethod
     def edges(op: OpSpec, n_in: int, n_out: int, theta_start: int):

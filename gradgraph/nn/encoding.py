@@ -1,0 +1,76 @@
+"""Input encoding: scale normalization of the (a, g) features and positional encodings of the nodes."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+
+from .layout import BatchLayout
+
+
+def sinusoidal(x: Tensor, dim: int) -> Tensor:
+    """Sinusoidal encoding of integer positions: [...] -> [..., dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=x.device, dtype=torch.float32) / max(half, 1))
+    ang = x.to(torch.float32)[..., None] * freqs
+    return torch.cat([ang.sin(), ang.cos()], -1)
+
+
+def raw_monomials(entry_x: Tensor, entry_mask: Tensor) -> Tensor:
+    """Unnormalized products a heads needs to be exact for gradients and Fisher diagonals:
+    [a, g, a^2, g^2, a*g, has_a, has_g], [E, 7]."""
+    a, g = entry_x[:, 0:1], entry_x[:, 1:2]
+    return torch.cat([a, g, a * a, g * g, a * g, entry_mask.to(entry_x.dtype)], -1)
+
+
+def scale_normalize(graph, layout: BatchLayout, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """Per (graph, layer) and channel, divide a and g by their root mean square over the layer's entries.
+    Returns the normalized features [E, 2] and the log of the scales [E, 2] (0 where a channel is absent),
+    so magnitudes stay visible to the network without dominating it. Invariant to sample order and
+    equivariant to neuron permutations (one scale per layer)."""
+    x, m = graph.entry_x, graph.entry_mask.to(graph.entry_x.dtype)
+    idx = layout.entry_layer
+    size = int(graph.layer_size.numel())
+    ms = scatter(x * x * m, idx, 0, dim_size=size, reduce="sum") / scatter(m, idx, 0, dim_size=size,
+                                                                           reduce="sum").clamp_min(1)
+    rms = ms.sqrt() + eps
+    return x / rms[idx], torch.log(rms)[idx] * m
+
+
+class NodeEncoding(nn.Module):
+    """Per-node identifiers (the paper's PE): a sinusoidal layer identifier for every node, a sinusoidal
+    neuron identifier for non-permutable nodes only (model inputs and outputs keep their position), and a
+    learned role embedding (input / hidden / output). Attention-head membership is not encoded as an absolute
+    index, because heads are permutable: it would break equivariance. Output: [N, 3 * dim]."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.dim = dim
+        self.role = nn.Embedding(3, dim)
+
+    def forward(self, graph) -> Tensor:
+        layer = sinusoidal(graph.node_depth, self.dim)
+        neuron = sinusoidal(graph.node_pos, self.dim) * (~graph.node_permutable).unsqueeze(-1)
+        dtype = self.role.weight.dtype
+        return torch.cat([layer.to(dtype), neuron.to(dtype), self.role(graph.node_role)], -1)
+
+
+class EntryEncoder(nn.Module):
+    """Embed every entry (node x set element): normalized (a, g), which of them exist, the layer's log scales,
+    signed-log magnitudes, and the node's positional encoding -> [E, channels]."""
+
+    def __init__(self, channels: int, pe_dim: int = 16) -> None:
+        super().__init__()
+        self.pe = NodeEncoding(pe_dim)
+        self.lin = nn.Linear(2 + 2 + 2 + 2 + 3 * pe_dim, channels)
+
+    def forward(self, graph, layout: BatchLayout) -> Tensor:
+        x_norm, log_scale = scale_normalize(graph, layout)
+        dtype = self.lin.weight.dtype
+        slog = torch.sign(graph.entry_x) * torch.log1p(graph.entry_x.abs())
+        pe = self.pe(graph)[graph.entry_node]
+        feats = torch.cat([x_norm.to(dtype), graph.entry_mask.to(dtype), log_scale.to(dtype) / 10, slog.to(dtype) / 10,
+                           pe], -1)
+        return self.lin(feats)

@@ -1,0 +1,207 @@
+"""Index tensors a metanetwork needs for one (batched) GradientGraph, computed once per forward.
+
+Set-level features live on entries (one per node and set element, ``[E, f]``); node-level features on nodes
+(``[N, f]``). Pooling is a scatter-mean over one of the index vectors below. Parameter-level heads work op by
+op on dense blocks: graphs of identical structure in a batch are grouped so that one op of a group is a
+single batched tensor operation, whatever the number of graphs.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+from torch_geometric.utils import scatter
+
+from ..graph.gradient_graph import GradientGraph
+from ..graph.ops import KINDS, conv_patches
+from ..graph.spec import GraphSpec, LayerSpec, OpSpec
+
+
+def _ptr(sizes: list[int], device) -> Tensor:
+    return torch.tensor([0] + sizes, device=device).cumsum(0)
+
+
+def _signature(spec: GraphSpec):
+    sig = spec.__dict__.get("_signature")
+    if sig is None:
+        sig = (spec.structure_key(), spec.groups, tuple((lay.a, lay.g) for lay in spec.layers),
+               tuple((op.kind, op.in_layer, op.out_layer, op.kernel, op.stride, op.padding, op.dilation,
+                      op.padding_idx, spec.theta_range(op.weight), spec.theta_range(op.bias)) for op in spec.ops))
+        object.__setattr__(spec, "_signature", sig)
+    return sig
+
+
+class StructureGroup:
+    """Graphs of one batch that share their architecture and set layout."""
+
+    def __init__(self, layout: "BatchLayout", spec: GraphSpec, graphs: Tensor) -> None:
+        self.layout, self.spec, self.graphs = layout, spec, graphs
+        self.entry_off = layout.entry_ptr[graphs]
+        self.node_off = layout.node_ptr[graphs]
+        self.theta_off = layout.theta_ptr[graphs]
+        self._dev = graphs.device
+
+    @property
+    def size(self) -> int:
+        return self.graphs.numel()
+
+    def block(self, h: Tensor, layer: LayerSpec, which: str) -> Tensor:
+        """Entry features of one layer's a- or g-block, dense: [G, b, *spatial, n, f] ("onehot" blocks:
+        [G, b, *spatial, f], one entry per element)."""
+        blk = layer.a if which == "a" else layer.g
+        shape = self.spec.groups[blk.group]
+        idx = self.entry_off[:, None] + blk.start + torch.arange(blk.count, device=self._dev)
+        out = h[idx]
+        if blk.kind == "onehot":
+            return out.view(self.size, *shape, h.shape[-1])
+        return out.view(self.size, *shape, layer.size, h.shape[-1])
+
+    def tokens(self, layer: LayerSpec) -> Tensor:
+        """Token ids of a vocabulary layer's one-hot block: [G, b, *spatial]."""
+        blk = layer.a
+        idx = self.entry_off[:, None] + blk.start + torch.arange(blk.count, device=self._dev)
+        ids = self.layout.graph.entry_node[idx] - (self.node_off[:, None] + layer.node_start)
+        return ids.view(self.size, *self.spec.groups[blk.group])
+
+    def nodes(self, u: Tensor, layer: LayerSpec) -> Tensor:
+        """Node features of one layer: [G, n, f]."""
+        idx = self.node_off[:, None] + layer.node_start + torch.arange(layer.size, device=self._dev)
+        return u[idx]
+
+    def theta_index(self, op: OpSpec) -> Tensor | None:
+        """Global theta rows of the op's weights in the canonical layout [G, n_out, n_in, K] (None if the
+        weight is frozen)."""
+        r = self.spec.theta_range(op.weight)
+        if r is None:
+            return None
+        n_in, n_out = self.spec.layers[op.in_layer].size, self.spec.layers[op.out_layer].size
+        local = KINDS[op.kind].theta_index(op, n_in, n_out, r[0]).to(self._dev)
+        return self.theta_off.view(-1, 1, 1, 1) + local
+
+    def bias_index(self, op: OpSpec) -> Tensor | None:
+        """Global theta rows of the op's biases: [G, n_out] (None if there is no trainable bias)."""
+        r = self.spec.theta_range(op.bias)
+        if r is None:
+            return None
+        return self.theta_off[:, None] + torch.arange(r[0], r[1], device=self._dev)
+
+
+class BatchLayout:
+    """Offsets and pooling indices of a GradientGraph or a PyG batch of them."""
+
+    def __init__(self, graph: GradientGraph) -> None:
+        self.graph = graph
+        self.specs = graph.specs
+        dev = graph.entry_x.device
+        self.device = dev
+        self.num_graphs = len(self.specs)
+        self.entry_ptr = _ptr([s.num_entries for s in self.specs], dev)
+        self.node_ptr = _ptr([s.num_nodes for s in self.specs], dev)
+        self.theta_ptr = _ptr([s.num_params for s in self.specs], dev)
+        self.sample_ptr = _ptr([s.num_samples for s in self.specs], dev)
+        self.num_entries = int(self.entry_ptr[-1])
+        self.num_nodes = int(self.node_ptr[-1])
+        self.num_params = int(self.theta_ptr[-1])
+        self.num_samples = int(self.sample_ptr[-1])
+
+    # -- per-entry indices --------------------------------------------------------------------------
+    @cached_property
+    def node_graph(self) -> Tensor:
+        """[N] graph of each node."""
+        if "batch" in self.graph._store:
+            return self.graph.batch
+        return torch.zeros(self.num_nodes, dtype=torch.long, device=self.device)
+
+    @cached_property
+    def entry_sample(self) -> Tensor:
+        return self.graph.elem_sample[self.graph.entry_elem]
+
+    @cached_property
+    def entry_graph(self) -> Tensor:
+        return self.node_graph[self.graph.entry_node]
+
+    @cached_property
+    def entry_layer(self) -> Tensor:
+        return self.graph.node_layer[self.graph.entry_node]
+
+    @cached_property
+    def sample_graph(self) -> Tensor:
+        """[B] graph of each sample."""
+        sizes = torch.diff(self.sample_ptr)
+        return torch.repeat_interleave(torch.arange(self.num_graphs, device=self.device), sizes)
+
+    def pool_index(self, axis: str) -> tuple[Tensor, int]:
+        """Segment index of every entry for a pooling axis, and the number of segments:
+
+        * ``node``: the node's own set elements (the set axis).
+        * ``layer``: the entries of the node's layer at the same element (neurons of one layer).
+        * ``element``: all neurons at the same element (sample, or sample x token/position).
+        * ``sample``: all entries of the same sample in its graph (the neuron axis).
+        * ``graph``: everything in the graph.
+        """
+        cache = self.__dict__.setdefault("_pool", {})
+        if axis not in cache:
+            g = self.graph
+            if axis == "node":
+                cache[axis] = (g.entry_node, self.num_nodes)
+            elif axis == "element":
+                cache[axis] = (g.entry_elem, int(g.elem_sample.numel()))
+            elif axis == "sample":
+                cache[axis] = (self.entry_sample, self.num_samples)
+            elif axis == "graph":
+                cache[axis] = (self.entry_graph, self.num_graphs)
+            elif axis == "layer":
+                key = self.entry_layer * max(int(g.elem_sample.numel()), 1) + g.entry_elem
+                uniq, inv = torch.unique(key, return_inverse=True)
+                cache[axis] = (inv, uniq.numel())
+            else:
+                raise ValueError(f"unknown pooling axis {axis!r}: use node, layer, element, sample or graph")
+        return cache[axis]
+
+    def pool(self, h: Tensor, axis: str, reduce: str = "mean") -> Tensor:
+        """Pool entry features over ``axis`` and broadcast back to the entries: [E, f] -> [E, f]."""
+        idx, size = self.pool_index(axis)
+        return scatter(h, idx, 0, dim_size=size, reduce=reduce)[idx]
+
+    @cached_property
+    def groups(self) -> list[StructureGroup]:
+        by_sig: dict = {}
+        for gi, spec in enumerate(self.specs):
+            by_sig.setdefault(_signature(spec), []).append(gi)
+        return [StructureGroup(self, self.specs[gis[0]], torch.tensor(gis, device=self.device))
+                for gis in by_sig.values()]
+
+
+def aligned_blocks(group: StructureGroup, op: OpSpec, h_out: Tensor, h_in: Tensor):
+    """Entry features of an op's output neurons and input neurons, aligned the way the op's weight gradient
+    pairs them (one product per aligned position ``q`` and kernel offset ``k``):
+
+    * ``X_out`` [G, Q, n_out, f_out]: the out-layer's g-entries;
+    * ``X_in`` [G, Q, n_in, K, f_in]: the in-layer's a-entries each output position sees (the same element for
+      linear and diag ops, the patch for convs, the whole map for a linear layer on a flattened map), or for an
+      embedding ``(X_tok [G, Q, f_in], tokens [G, Q])``.
+
+    Q is b x (positions per sample); sums over Q divided by b are per-sample means. With ``h_out = g`` and
+    ``h_in = a`` the sum over ``q`` of ``X_out X_in`` is the batch weight gradient."""
+    spec = group.spec
+    lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
+    G = group.size
+    X_out = group.block(h_out, lout, "g")
+    b = X_out.shape[1]
+    if op.kind == "embedding":
+        X_tok = group.block(h_in, lin, "a").reshape(G, -1, h_in.shape[-1])
+        return X_out.reshape(G, -1, lout.size, h_out.shape[-1]), (X_tok, group.tokens(lin).reshape(G, -1)), b
+    A = group.block(h_in, lin, "a")  # [G, b, *sp_in, n_in, f]
+    f_in = A.shape[-1]
+    if op.kind == "conv":
+        sp_in = A.shape[2:-2]
+        maps = A.movedim(-2, 2).movedim(-1, 3).reshape(G * b, lin.size * f_in, *sp_in)
+        patches = conv_patches(maps, op)  # [G*b, n_in*f*K, L]
+        K, L = op.entries_per_edge, patches.shape[-1]
+        X_in = patches.view(G, b, lin.size, f_in, K, L).permute(0, 1, 5, 2, 4, 3).reshape(G, b * L, lin.size, K, f_in)
+    elif op.kernel:  # linear on a flattened map
+        X_in = A.reshape(G, b, -1, lin.size, f_in).transpose(2, 3)
+    else:
+        X_in = A.reshape(G, -1, lin.size, 1, f_in)
+    return X_out.reshape(G, -1, lout.size, h_out.shape[-1]), X_in, b

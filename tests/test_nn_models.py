@@ -1,0 +1,218 @@
+"""GradMetaNet, GradMetaNet++ and the baselines: equivariance (with negative tests), batching, decoding,
+exactness of the weight-gradient-shaped head, and cost."""
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch_geometric.loader import DataLoader
+
+import gradgraph
+from cases import make
+from gradgraph.graph import node_permutation
+from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
+from gradgraph.nn.baselines import BatchAsymmetric, MLPConcat, NeuronAsymmetric, WeightSpaceGMN
+from gradgraph.nn.layout import BatchLayout
+
+FAMILIES = ["mlp", "cnn", "gpt", "transformer_encoder"]
+LEVELS = ["param", "node", "graph"]
+
+
+def _graphs(family, seed=1):
+    """A graph, the graph of the same batch with samples reordered, a symmetry and the permuted model's graph."""
+    c = make(family, seed)
+    g = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+    perm = torch.randperm(c.inputs.shape[0], generator=torch.Generator().manual_seed(seed))
+    g_perm = gradgraph.capture(c.model, c.inputs[perm], c.targets[perm], c.loss_fn)
+    for k in range(20):  # a symmetry that moves something
+        s = gradgraph.random_symmetry(g, generator=torch.Generator().manual_seed(100 * seed + k))
+        if not s.is_identity():
+            break
+    g_sym = gradgraph.capture(gradgraph.apply_symmetry(c.model, s), c.inputs, c.targets, c.loss_fn)
+    return g, g_perm, s, g_sym
+
+
+@torch.no_grad()
+def _errors(net, level, g, g_perm, s, g_sym):
+    """(error under sample reordering, error under the neuron symmetry), relative to the output scale."""
+    out = net(g)
+    scale = float(out.detach().abs().max()) + 1e-30
+    e_sample = float((net(g_perm) - out).abs().max()) / scale
+    out_sym = net(g_sym)
+    if level == "param":
+        want = gradgraph.apply_symmetry(g.graph_to_params(out), s)
+        got = g.graph_to_params(out_sym)
+        e_neuron = max(float((got[k] - want[k]).abs().max()) for k in want) / scale
+    elif level == "node":
+        e_neuron = float((out_sym - out[node_permutation(g.spec, s)]).abs().max()) / scale
+    else:
+        e_neuron = float((out_sym - out).abs().max()) / scale
+    return e_sample, e_neuron
+
+
+def _net(cls, level, **kw):
+    torch.manual_seed(0)
+    return cls(hidden_channels=16, num_layers=2, out_level=level, out_channels=2, **kw).double()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cls", [GradMetaNet, GradMetaNetPlusPlus])
+@pytest.mark.parametrize("level", LEVELS)
+def test_equivariant_models(cls, family, level):
+    e_sample, e_neuron = _errors(_net(cls, level), level, *_graphs(family))
+    assert e_sample < 1e-6 and e_neuron < 1e-6
+
+
+def test_edge_messages_keep_equivariance():
+    e_sample, e_neuron = _errors(_net(GradMetaNet, "param", edge_messages=True), "param", *_graphs("gpt"))
+    assert e_sample < 1e-6 and e_neuron < 1e-6
+
+
+def test_broken_coupling_is_detected(monkeypatch):
+    """Negative test: giving permutable neurons a position identifier breaks neuron equivariance, and the
+    check above sees it (while sample invariance survives)."""
+    from gradgraph.nn import encoding
+
+    def broken(self, graph):
+        layer = encoding.sinusoidal(graph.node_depth, self.dim)
+        neuron = encoding.sinusoidal(graph.node_pos, self.dim)  # no mask: hidden neurons get an identity
+        return torch.cat([layer, neuron, self.role(graph.node_role).float()], -1).to(self.role.weight.dtype)
+
+    monkeypatch.setattr(encoding.NodeEncoding, "forward", broken)
+    e_sample, e_neuron = _errors(_net(GradMetaNet, "param"), "param", *_graphs("mlp"))
+    assert e_sample < 1e-6 and e_neuron > 1e-3
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "gpt"])
+def test_baselines_fail_exactly_the_symmetries_they_lack(family):
+    g, g_perm, s, g_sym = _graphs(family)
+    b = g.num_samples
+    expect = {  # (sample-invariant, neuron-equivariant)
+        "mlp-concat": (MLPConcat(16, 2, "param", 2), False, False),
+        "neuron-asym": (NeuronAsymmetric(16, 2, "param", 2), True, False),
+        "batch-asym": (BatchAsymmetric(16, 2, "param", 2), False, True),
+        "gmn-average": (WeightSpaceGMN(16, 2, "param", 2, "average"), True, True),
+        "gmn-concat": (WeightSpaceGMN(16, 2, "param", 2, "concat", set_size=b), False, True),
+    }
+    for name, (net, sample_ok, neuron_ok) in expect.items():
+        torch.manual_seed(0)
+        e_sample, e_neuron = _errors(net.double(), "param", g, g_perm, s, g_sym)
+        assert (e_sample < 1e-6) == sample_ok, (name, e_sample)
+        assert (e_neuron < 1e-6) == neuron_ok, (name, e_neuron)
+
+
+@pytest.mark.parametrize("cls", [GradMetaNet, GradMetaNetPlusPlus])
+def test_mixed_batch_equals_each_graph_alone(cls):
+    graphs = [_graphs(f)[0] for f in ("mlp", "cnn", "gpt", "transformer_encoder", "mlp")]
+    graphs[-1] = gradgraph.capture(make("mlp", 2).model, *[t for t in (make("mlp", 2).inputs, make("mlp", 2).targets)],
+                                   make("mlp", 2).loss_fn)
+    for level in LEVELS:
+        net = _net(cls, level)
+        batch = next(iter(DataLoader(graphs, batch_size=len(graphs))))
+        out = net(batch)
+        alone = torch.cat([net(g) for g in graphs])
+        torch.testing.assert_close(out, alone, rtol=1e-9, atol=1e-12)
+    decoded = batch.graph_to_params(_net(cls, "param")(batch))
+    assert [set(d) for d in decoded] == [set(g.per_sample_grads()) for g in graphs]
+
+
+def test_decoded_outputs_are_parameter_shaped():
+    c = make("cnn", 0)
+    g = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+    shapes = {n: p.shape for n, p in c.model.named_parameters()}
+    one = g.graph_to_params(_net(GradMetaNet, "param").__class__(16, 2, "param", 1).double()(g))
+    assert {k: v.shape for k, v in one.items()} == shapes
+    three = g.graph_to_params(GradMetaNet(16, 2, "param", 3).double()(g))
+    assert {k: v.shape for k, v in three.items()} == {k: (*s, 3) for k, s in shapes.items()}
+    assert GradMetaNet(16, 2, "node", 4).double()(g).shape == (g.num_nodes, 4)
+    assert GradMetaNet(16, 2, "graph", 5).double()(g).shape == (1, 5)
+
+
+def _exact_head(which):
+    """A GradMetaNet whose output is exactly the bilinear term with phi = g^p, psi = a^p."""
+    net = GradMetaNet(8, 2, "param", 1, bilinear_channels=1).double()
+    head = net.head
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+        col_a, col_g = (0, 1) if which == "gradient" else (2, 3)  # raw monomials: a, g, a^2, g^2, ...
+        head.psi_r.weight[0, col_a] = 1
+        head.phi_r.weight[0, col_g] = 1
+        head.bil_out.weight.fill_(1)
+        head.bil_bias.weight.fill_(1)
+    return net
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "gpt", "transformer_encoder", "conv1d", "residual"])
+def test_bilinear_head_reproduces_the_batch_gradient(family):
+    c = make(family, 0)
+    g = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+    got = g.graph_to_params(_exact_head("gradient")(g))
+    want = {k: v / g.num_samples for k, v in g.grads().items()}
+    from conftest import assert_tensors_close
+
+    assert_tensors_close(got, want, rtol=1e-9)
+
+
+def test_bilinear_head_reproduces_the_empirical_fisher_diagonal():
+    c = make("siren", 0)
+    g = gradgraph.capture(c.model, c.inputs)
+    got = g.graph_to_params(_exact_head("fisher")(g))
+    want = {k: v.pow(2).mean(0) for k, v in g.per_sample_grads().items()}
+    from conftest import assert_tensors_close
+
+    assert_tensors_close(got, want, rtol=1e-9)
+
+
+def test_pairwise_head_matches_its_formula():
+    """GradMetaNet++'s head on a linear op equals (1/b) sum_q W_o GELU(U x_q(j) + V x_q(i) + e) by brute force."""
+    c = make("mlp", 0)
+    g = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+    net = GradMetaNetPlusPlus(8, 1, "param", 1).double()
+    head = net.head
+    head.chunk = 7  # exercise the chunked path
+    layout = BatchLayout(g)
+    h = torch.randn(g.entry_x.shape[0], 8, dtype=torch.float64)
+    out = g.graph_to_params(head(h, layout))
+    spec = g.spec
+    op = spec.ops[0]
+    lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
+    A = h[lin.a.start:lin.a.start + lin.a.count].view(g.num_samples, lin.size, 8)
+    G = h[lout.g.start:lout.g.start + lout.g.count].view(g.num_samples, lout.size, 8)
+    e = head.kind.weight[0]
+    want = torch.zeros(lout.size, lin.size, dtype=torch.float64)
+    for j in range(lout.size):
+        for i in range(lin.size):
+            z = torch.nn.functional.gelu(head.U(G[:, j]) + head.V(A[:, i]) + e)
+            want[j, i] = head.out(z).mean(0).squeeze()
+    torch.testing.assert_close(out[op.weight.name], want)
+
+
+class _LargestTensor(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_gradmetanet_never_builds_an_edges_by_set_tensor():
+    """Cost: the largest tensor GradMetaNet creates (forward and backward) grows with entries x channels and
+    parameters x channels, never parameters x set size."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.Tanh(),
+                                torch.nn.Linear(48, 4))
+    f, pe = 16, 16
+    net = GradMetaNet(f, 2, "param", 1, pe_dim=pe)
+    widest = max(f, 8 + 3 * pe)  # the encoder's input: (a, g) features plus the node encoding
+    for b in (16, 128):
+        g = gradgraph.capture(model, torch.randn(b, 8))
+        with _LargestTensor() as probe:
+            net(g).sum().backward()
+        E, P = g.entry_x.shape[0], g.num_params
+        bound = 2 * max(E * widest, P * f)
+        assert probe.largest <= bound, (b, probe.largest, E * widest, P * f)
+    assert P * b * f > 2 * bound  # the bound would catch an edges x set x channels tensor
