@@ -51,6 +51,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_train_curvature(args) -> int:
+    import json
+
+    from .tasks.curvature import CurvatureConfig, train_curvature
+
+    cfg = CurvatureConfig(model=args.model, train_size=args.train_size, seed=args.seed, epochs=args.epochs,
+                          patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                          num_models=args.num_models, num_points=args.num_points, out_dir=args.out_dir,
+                          device=args.device)
+    metrics = train_curvature(cfg, progress=not args.quiet)
+    summary = {k: v for k, v in metrics.items() if k not in ("history", "config")}
+    print(json.dumps(summary, indent=1))
+    print(f"run folder: {cfg.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
     p.set_defaults(func=cmd_inspect)
+    from .tasks.curvature import MODELS
+
+    train = sub.add_parser("train", help="train a metanetwork on a task").add_subparsers(dest="task", required=True)
+    c = train.add_parser("curvature", help="predict SIREN Fisher diagonals from 128 gradients (paper Sec. 5.1)")
+    c.add_argument("--model", choices=MODELS, default="gradmetanet")
+    c.add_argument("--train-size", type=int, default=2000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--epochs", type=int, default=100)
+    c.add_argument("--patience", type=int, default=None, help="early stopping patience (default: none)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--num-models", type=int, default=3000, help="dataset size (500 test, 500 validation)")
+    c.add_argument("--num-points", type=int, default=128, help="gradients per graph")
+    c.add_argument("--out-dir", default="runs/curvature")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_train_curvature)
     from .bench import add_bench_parsers
 
     add_bench_parsers(sub)

@@ -49,8 +49,10 @@ def _errors(net, level, g, g_perm, s, g_sym):
 
 
 def _net(cls, level, **kw):
+    """In eval mode: the parameter head's running scale of raw gradients is a dataset statistic (like
+    BatchNorm's), updated from the batch in training mode."""
     torch.manual_seed(0)
-    return cls(hidden_channels=16, num_layers=2, out_level=level, out_channels=2, **kw).double()
+    return cls(hidden_channels=16, num_layers=2, out_level=level, out_channels=2, **kw).double().eval()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,7 +130,7 @@ def test_decoded_outputs_are_parameter_shaped():
 
 def _exact_head(which):
     """A GradMetaNet whose output is exactly the bilinear term with phi = g^p, psi = a^p."""
-    net = GradMetaNet(8, 2, "param", 1, bilinear_channels=1).double()
+    net = GradMetaNet(8, 2, "param", 1, bilinear_channels=1).double().eval()
     head = net.head
     with torch.no_grad():
         for p in head.parameters():
@@ -150,6 +152,20 @@ def test_bilinear_head_reproduces_the_batch_gradient(family):
     from conftest import assert_tensors_close
 
     assert_tensors_close(got, want, rtol=1e-9)
+
+
+def test_running_scale_is_a_dataset_constant():
+    net = GradMetaNet(8, 2, "param", 1)
+    g = gradgraph.capture(make("mlp", 0).model.float(), make("mlp", 0).inputs.float())
+    net(g)
+    ms = net.head.raw_scale.mean_square.clone()
+    net.eval()
+    net(g)
+    assert torch.equal(ms, net.head.raw_scale.mean_square)  # frozen in eval mode
+    r = net.head.raw_scale
+    assert torch.allclose(r.mean_square[:5], torch.stack([g.entry_x[:, 0].pow(2).mean(), g.entry_x[:, 1].pow(2).mean(),
+                          g.entry_x[:, 0].pow(4).mean(), g.entry_x[:, 1].pow(4).mean(),
+                          (g.entry_x[:, 0] * g.entry_x[:, 1]).pow(2).mean()]))
 
 
 def test_bilinear_head_reproduces_the_empirical_fisher_diagonal():

@@ -10,6 +10,7 @@ import platform
 import torch
 
 BENCHMARKS: dict[str, str] = {
+    "curvature": "gradgraph.bench.curvature",
 }
 
 

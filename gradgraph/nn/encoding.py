@@ -5,7 +5,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
 
 from .layout import BatchLayout
 
@@ -25,18 +24,13 @@ def raw_monomials(entry_x: Tensor, entry_mask: Tensor) -> Tensor:
     return torch.cat([a, g, a * a, g * g, a * g, entry_mask.to(entry_x.dtype)], -1)
 
 
-def scale_normalize(graph, layout: BatchLayout, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+def scale_normalize(graph, layout: BatchLayout) -> tuple[Tensor, Tensor]:
     """Per (graph, layer) and channel, divide a and g by their root mean square over the layer's entries.
     Returns the normalized features [E, 2] and the log of the scales [E, 2] (0 where a channel is absent),
     so magnitudes stay visible to the network without dominating it. Invariant to sample order and
     equivariant to neuron permutations (one scale per layer)."""
-    x, m = graph.entry_x, graph.entry_mask.to(graph.entry_x.dtype)
-    idx = layout.entry_layer
-    size = int(graph.layer_size.numel())
-    ms = scatter(x * x * m, idx, 0, dim_size=size, reduce="sum") / scatter(m, idx, 0, dim_size=size,
-                                                                           reduce="sum").clamp_min(1)
-    rms = ms.sqrt() + eps
-    return x / rms[idx], torch.log(rms)[idx] * m
+    rms = layout.layer_scales(graph.entry_x, graph.entry_mask)
+    return graph.entry_x / rms, torch.log(rms) * graph.entry_mask.to(rms.dtype)
 
 
 class NodeEncoding(nn.Module):
@@ -64,13 +58,37 @@ class EntryEncoder(nn.Module):
     def __init__(self, channels: int, pe_dim: int = 16) -> None:
         super().__init__()
         self.pe = NodeEncoding(pe_dim)
-        self.lin = nn.Linear(2 + 2 + 2 + 2 + 3 * pe_dim, channels)
+        self.lin = nn.Linear(2 + 2 + 2 + 2, channels)
+        self.lin_pe = nn.Linear(3 * pe_dim, channels, bias=False)  # applied per node, then gathered
 
     def forward(self, graph, layout: BatchLayout) -> Tensor:
         x_norm, log_scale = scale_normalize(graph, layout)
         dtype = self.lin.weight.dtype
         slog = torch.sign(graph.entry_x) * torch.log1p(graph.entry_x.abs())
-        pe = self.pe(graph)[graph.entry_node]
-        feats = torch.cat([x_norm.to(dtype), graph.entry_mask.to(dtype), log_scale.to(dtype) / 10, slog.to(dtype) / 10,
-                           pe], -1)
-        return self.lin(feats)
+        feats = torch.cat([x_norm, graph.entry_mask.to(x_norm.dtype), log_scale / 10, slog / 10], -1).to(dtype)
+        return self.lin(feats) + self.lin_pe(self.pe(graph)).index_select(0, graph.entry_node)
+
+
+class RunningScale(nn.Module):
+    """Divide features by their running root mean square (a dataset-level constant per column), as
+    BatchNorm does without centering: statistics are accumulated in training mode (cumulative average over
+    the first ``warmup`` batches, then an exponential average) and frozen in eval mode. One constant per
+    column keeps relative magnitudes (so exact products stay representable) while bringing raw gradient
+    scales, which can be 1e6 or more, to O(1). As with BatchNorm, a training-mode output depends on the
+    other graphs of the batch; evaluation and equivariance checks use ``eval()``."""
+
+    def __init__(self, num_features: int, momentum: float = 0.01, warmup: int = 100, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.momentum, self.warmup, self.eps = momentum, warmup, eps
+        self.register_buffer("mean_square", torch.ones(num_features))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                ms = x.detach().pow(2).mean(0).to(self.mean_square.dtype)
+                n = int(self.batches)
+                w = 1.0 / (n + 1) if n < self.warmup else self.momentum
+                self.mean_square.mul_(1 - w).add_(w * ms) if n else self.mean_square.copy_(ms)
+                self.batches += 1
+        return x / (self.mean_square.to(x.dtype) + self.eps).sqrt()

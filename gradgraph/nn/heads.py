@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
 from ..graph.ops import KIND_CODES, kernel_coords
-from .encoding import raw_monomials
+from .encoding import RunningScale, raw_monomials
 from .layout import BatchLayout, StructureGroup, aligned_blocks
 
 
@@ -62,7 +62,8 @@ class ParamHead(nn.Module):
 
     and for a bias of neuron j, the same without the i and k terms (the bilinear term with psi = 1).
     ``phi``/``psi`` are computed per entry from the set-level embeddings h and the raw monomials
-    (a, g, a^2, g^2, a g): ``phi = (R r) * (1 + H h)``. The bilinear term is computed exactly like a weight
+    r = (a, g, a^2, g^2, a g, has_a, has_g) divided by their running RMS (one constant per column, see
+    ``RunningScale``): ``phi = (R r) * (1 + H h)``. The bilinear term is computed exactly like a weight
     gradient (a matmul for linear ops, unfolded patches for convs), never as an edges x set tensor; with
     phi = g, psi = a it is the batch gradient and with phi = g^2, psi = a^2 the empirical Fisher diagonal
     (exactly, for ops with one element per sample), so both are representable.
@@ -83,6 +84,7 @@ class ParamHead(nn.Module):
         self.param_lin = nn.Linear(param_features, hidden, bias=False) if param_features else None
         self.bilinear = entry_channels is not None and bilinear_channels > 0
         if self.bilinear:
+            self.raw_scale = RunningScale(7)
             self.phi_r, self.psi_r = nn.Linear(7, bilinear_channels, bias=False), nn.Linear(7, bilinear_channels, bias=False)
             self.phi_h, self.psi_h = nn.Linear(entry_channels, bilinear_channels), nn.Linear(entry_channels, bilinear_channels)
             self.bil_out = nn.Linear(bilinear_channels, out_channels, bias=False)
@@ -97,7 +99,7 @@ class ParamHead(nn.Module):
         out = u.new_zeros(layout.num_params, self.out_channels)
         phi = psi = None
         if self.bilinear:
-            r = raw_monomials(graph.entry_x.to(u.dtype), graph.entry_mask)
+            r = self.raw_scale(raw_monomials(graph.entry_x.to(u.dtype), graph.entry_mask))
             phi = self.phi_r(r) * (1 + self.phi_h(h))
             psi = self.psi_r(r) * (1 + self.psi_h(h))
         for group in layout.groups:

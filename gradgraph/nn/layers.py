@@ -29,11 +29,7 @@ class SetNeuronLayer(nn.Module):
         self.pool_lins = nn.ModuleList(nn.Linear(in_channels, out_channels, bias=False) for _ in self.pools)
 
     def forward(self, h: Tensor, layout: BatchLayout) -> Tensor:
-        out = self.lin(h)
-        for axis, lin in zip(self.pools, self.pool_lins):
-            idx, size = layout.pool_index(axis)
-            out = out + lin(scatter(h, idx, 0, dim_size=size, reduce="mean"))[idx]
-        return out
+        return layout.pool_sum(h, list(zip(self.pools, self.pool_lins)), base=self.lin(h))
 
 
 class SetBlock(nn.Module):
@@ -58,11 +54,7 @@ class SetPooling(nn.Module):
         self.graph = nn.Linear(in_channels, out_channels, bias=False)
 
     def forward(self, h: Tensor, layout: BatchLayout) -> Tensor:
-        idx, size = layout.pool_index("node")
-        node_mean = scatter(h, idx, 0, dim_size=size, reduce="mean")
-        gidx, gsize = layout.pool_index("graph")
-        graph_mean = scatter(h, gidx, 0, dim_size=gsize, reduce="mean")
-        return self.node(node_mean) + self.graph(graph_mean)[layout.node_graph]
+        return self.node(layout.node_mean(h)) + self.graph(layout.graph_mean(h)).index_select(0, layout.node_graph)
 
 
 class NeuronLayer(nn.Module):

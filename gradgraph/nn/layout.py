@@ -51,8 +51,11 @@ class StructureGroup:
         [G, b, *spatial, f], one entry per element)."""
         blk = layer.a if which == "a" else layer.g
         shape = self.spec.groups[blk.group]
-        idx = self.entry_off[:, None] + blk.start + torch.arange(blk.count, device=self._dev)
-        out = h[idx]
+        if self.layout.uniform:  # graphs are consecutive blocks of entries: a view, no gather
+            out = h.view(self.size, -1, h.shape[-1])[:, blk.start:blk.start + blk.count]
+        else:
+            idx = self.entry_off[:, None] + blk.start + torch.arange(blk.count, device=self._dev)
+            out = h.index_select(0, idx.reshape(-1)).view(self.size, blk.count, h.shape[-1])
         if blk.kind == "onehot":
             return out.view(self.size, *shape, h.shape[-1])
         return out.view(self.size, *shape, layer.size, h.shape[-1])
@@ -66,8 +69,10 @@ class StructureGroup:
 
     def nodes(self, u: Tensor, layer: LayerSpec) -> Tensor:
         """Node features of one layer: [G, n, f]."""
+        if self.layout.uniform:
+            return u.view(self.size, -1, u.shape[-1])[:, layer.node_start:layer.node_start + layer.size]
         idx = self.node_off[:, None] + layer.node_start + torch.arange(layer.size, device=self._dev)
-        return u[idx]
+        return u.index_select(0, idx.reshape(-1)).view(self.size, layer.size, u.shape[-1])
 
     def theta_index(self, op: OpSpec) -> Tensor | None:
         """Global theta rows of the op's weights in the canonical layout [G, n_out, n_in, K] (None if the
@@ -159,10 +164,141 @@ class BatchLayout:
                 raise ValueError(f"unknown pooling axis {axis!r}: use node, layer, element, sample or graph")
         return cache[axis]
 
-    def pool(self, h: Tensor, axis: str, reduce: str = "mean") -> Tensor:
-        """Pool entry features over ``axis`` and broadcast back to the entries: [E, f] -> [E, f]."""
-        idx, size = self.pool_index(axis)
-        return scatter(h, idx, 0, dim_size=size, reduce=reduce)[idx]
+    @cached_property
+    def uniform(self) -> bool:
+        """True when every graph of the batch has the same structure and only dense blocks: then entries
+        are [G, E_g, f] and every pool is a reshape and a sum (no index ops)."""
+        return len(self.groups) == 1 and all(
+            blk.kind == "dense" for lay in self.specs[0].layers for blk in (lay.a, lay.g) if blk is not None)
+
+    def pool_apply(self, h: Tensor, axis: str, fn=None) -> Tensor:
+        """Mean of ``h`` [E, f] over each segment of ``axis`` (see pool_index), ``fn`` applied per segment,
+        broadcast back to every entry: [E, f_out]."""
+        return self.pool_sum(h, [(axis, fn)])
+
+    def pool_sum(self, h: Tensor, terms, base: Tensor | None = None) -> Tensor:
+        """``base + sum_i fn_i(mean of h over axis_i)``, each term broadcast back to the entries, for
+        ``terms = [(axis_i, fn_i), ...]``: [E, f_out]. On uniform batches every block is written once."""
+        if not self.uniform:
+            out = base
+            for axis, fn in terms:
+                idx, size = self.pool_index(axis)
+                pooled = scatter(h, idx, 0, dim_size=size, reduce="mean")
+                t = (fn(pooled) if fn is not None else pooled).index_select(0, idx)
+                out = t if out is None else out + t
+            return out
+        spec, G = self.specs[0], self.num_graphs
+        blocks = [(lay, blk) for lay in spec.layers for blk in self._blocks(lay)]
+        dense = {id(blk): self._dense(h, blk, lay.size) for lay, blk in blocks}
+        pieces = [self._dense_pieces(h, dense, blocks, axis, fn) for axis, fn in terms]
+        f_out = pieces[0][id(blocks[0][1])].shape[-1]
+        out = h.new_empty(G, spec.num_entries, f_out)
+        for lay, blk in blocks:
+            acc = sum(p[id(blk)] for p in pieces)
+            if base is not None:
+                acc = acc + self._dense(base, blk, lay.size)
+            out[:, blk.start:blk.start + blk.count] = acc.expand(G, dense[id(blk)].shape[1], lay.size,
+                                                                 f_out).reshape(G, -1, f_out)
+        return out.view(-1, f_out)
+
+    def node_mean(self, h: Tensor) -> Tensor:
+        """Mean of entry features over each node's set elements: [E, f] -> [N, f]."""
+        if not self.uniform:
+            idx, size = self.pool_index("node")
+            return scatter(h, idx, 0, dim_size=size, reduce="mean")
+        spec, G = self.specs[0], self.num_graphs
+        parts = []
+        for lay in spec.layers:
+            sums, count = None, 0
+            for blk in self._blocks(lay):
+                x = self._dense(h, blk, lay.size)
+                s = x.sum(1)
+                sums = s if sums is None else sums + s
+                count += x.shape[1]
+            parts.append(sums / count)
+        return torch.cat(parts, 1).reshape(G * spec.num_nodes, -1)
+
+    def graph_mean(self, h: Tensor) -> Tensor:
+        """Mean of entry features per graph: [E, f] -> [num_graphs, f]."""
+        if self.uniform:
+            return h.view(self.num_graphs, -1, h.shape[-1]).mean(1)
+        idx, size = self.pool_index("graph")
+        return scatter(h, idx, 0, dim_size=size, reduce="mean")
+
+    def layer_scales(self, x: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
+        """Root mean square of each channel over each (graph, layer), masked, broadcast back to the entries:
+        x, mask [E, c] -> [E, c]."""
+        m = mask.to(x.dtype)
+        if not self.uniform:
+            idx = self.entry_layer
+            size = int(self.graph.layer_size.numel())
+            ms = scatter(x * x * m, idx, 0, dim_size=size, reduce="sum") / scatter(
+                m, idx, 0, dim_size=size, reduce="sum").clamp_min(1)
+            return (ms.sqrt() + eps).index_select(0, idx)
+        spec, G, c = self.specs[0], self.num_graphs, x.shape[-1]
+        out = x.new_empty(G, spec.num_entries, c)
+        for lay in spec.layers:
+            blocks = self._blocks(lay)
+            xs = [self._dense(x, b, lay.size) for b in blocks]
+            ms = [self._dense(m, b, lay.size) for b in blocks]
+            total = sum((xb * xb * mb).sum((1, 2)) for xb, mb in zip(xs, ms))
+            count = sum(mb.sum((1, 2)) for mb in ms).clamp_min(1)
+            rms = (total / count).sqrt() + eps  # [G, c]
+            for b in blocks:
+                out[:, b.start:b.start + b.count] = rms[:, None, :]
+        return out.view(-1, c)
+
+    # -- dense fast path (uniform batches) ---------------------------------------------------------------
+    @staticmethod
+    def _blocks(lay: LayerSpec):
+        return [lay.a] if lay.a is lay.g else [blk for blk in (lay.a, lay.g) if blk is not None]
+
+    def _dense(self, h: Tensor, blk, n: int) -> Tensor:
+        """A block as [G, M, n, f] (a view when h is contiguous)."""
+        G, f = self.num_graphs, h.shape[-1]
+        return h.view(G, -1, f)[:, blk.start:blk.start + blk.count].reshape(G, -1, n, f)
+
+    def _dense_pieces(self, h: Tensor, dense: dict, blocks, axis: str, fn) -> dict:
+        """Per block, the pooled (and mapped) values of one axis, broadcastable to [G, M, n, f_out]."""
+        spec, G = self.specs[0], self.num_graphs
+        apply = fn if fn is not None else (lambda t: t)
+        pieces: dict[int, Tensor] = {}  # block -> pooled values broadcastable to [G, M, n, f_out]
+        if axis == "layer":
+            for lay, blk in blocks:
+                pieces[id(blk)] = apply(dense[id(blk)].mean(2, keepdim=True))
+        elif axis == "node":
+            for lay in spec.layers:
+                bl = self._blocks(lay)
+                mean = sum(dense[id(b)].sum(1, keepdim=True) for b in bl) / sum(dense[id(b)].shape[1] for b in bl)
+                out = apply(mean)
+                for b in bl:
+                    pieces[id(b)] = out
+        elif axis == "graph":
+            out = apply(h.view(G, -1, h.shape[-1]).mean(1))[:, None, None]
+            for lay, blk in blocks:
+                pieces[id(blk)] = out
+        elif axis in ("sample", "element"):
+            key = (lambda blk: 0) if axis == "sample" else (lambda blk: blk.group)
+            sums: dict[int, Tensor] = {}
+            counts: dict[int, int] = {}
+            for lay, blk in blocks:
+                b = spec.groups[blk.group][0]
+                x = dense[id(blk)]
+                x = x.reshape(G, b, -1, x.shape[-1]) if axis == "sample" else x
+                s = x.sum(2)
+                k = key(blk)
+                sums[k] = s if k not in sums else sums[k] + s
+                counts[k] = counts.get(k, 0) + (x.shape[2])
+            means = {k: apply(sums[k] / counts[k]) for k in sums}
+            for lay, blk in blocks:
+                m = means[key(blk)]
+                if axis == "sample":
+                    per = dense[id(blk)].shape[1] // m.shape[1]
+                    m = m.repeat_interleave(per, 1) if per > 1 else m
+                pieces[id(blk)] = m[:, :, None]
+        else:
+            raise ValueError(f"unknown pooling axis {axis!r}: use node, layer, element, sample or graph")
+        return pieces
 
     @cached_property
     def groups(self) -> list[StructureGroup]:

@@ -1,0 +1,192 @@
+"""SirenFisher: predict the Fisher diagonal of a SIREN from 128 of its gradients (GradMetaNet paper, Sec. 5.1).
+
+Each item is the gradient graph of an untrained SIREN 1 -> 32 -> 32 -> 1 (sine activations ``sin(w0 x)``,
+``w0 = 30`` on every layer, every weight and bias drawn from N(0, 1)) on ``num_points`` inputs from a
+distribution X_p, with the per-sample quantity ``f(x)`` (the model output), so that ``g`` holds output
+gradients. The target is the diagonal of the regression Fisher ``F = E_{x ~ X_p}[grad f(x) grad f(x)^T]``,
+estimated on ``num_fisher_points`` further independent inputs.
+
+Input distribution X_p (the paper leaves the family open; this is the choice made here): ``p ~ U[0, 1]`` per
+model and ``x = 2 B - 1`` with ``B ~ Beta(0.5 + 4 p, 4.5 - 4 p)``. p = 0 piles the inputs up near -1, p = 1
+near +1, p = 0.5 gives a symmetric bump; the family changes smoothly with p.
+
+Item attributes, besides the GradientGraph's own: ``y`` [P] the target diagonal, ``std_est`` [P] the standard
+estimator (the diagonal of the empirical Fisher of the same ``num_points`` gradients the graph holds), both in
+theta order; ``p`` [1]; ``model_index`` [1]. Splits (``split_indices``): the first 500 models are the test
+split, the next 500 validation, the rest the training pool (train subsets of size N are its first N).
+
+Generation is seeded per model (the same seed gives the same dataset, however it is chunked or resumed), shows
+a progress bar, writes chunks of models atomically and resumes from the chunks already written.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch_geometric.data import InMemoryDataset
+from tqdm.auto import tqdm
+
+from ..capture import capture
+from ..graph.gradient_graph import GradientGraph
+from ..models import SIREN
+from .common import atomic_save, atomic_write_text, config_tag, default_root, item_seed, seeded
+
+SPLITS = {"test": 500, "val": 500}
+
+
+def sample_inputs(p: float, n: int) -> torch.Tensor:
+    """n inputs from X_p: ``2 * Beta(0.5 + 4p, 4.5 - 4p) - 1``, shape [n, 1] (uses torch's global RNG)."""
+    beta = torch.distributions.Beta(torch.tensor(0.5 + 4 * p, dtype=torch.float64),
+                                    torch.tensor(4.5 - 4 * p, dtype=torch.float64))
+    return beta.sample((n, 1)) * 2 - 1
+
+
+def fisher_diagonal(graph: GradientGraph) -> torch.Tensor:
+    """Diagonal of the empirical Fisher of a graph's per-sample gradients, in theta order: [P]."""
+    return graph.params_to_graph({k: v.pow(2).mean(0) for k, v in graph.per_sample_grads().items()})
+
+
+def make_model(index: int, seed: int, hidden=(32, 32), w0: float = 30.0, num_points: int = 128,
+               num_fisher_points: int = 1024):
+    """Model ``index`` of the dataset with seed ``seed``: (SIREN in float64, p, inputs [n, 1], Fisher inputs)."""
+    with seeded(item_seed(seed, index)):
+        model = SIREN(1, tuple(hidden), 1, w0=w0, init="normal").double()
+        p = float(torch.rand(()))
+        x = sample_inputs(p, num_points)
+        x_fisher = sample_inputs(p, num_fisher_points)
+    return model, p, x, x_fisher
+
+
+class SirenFisher(InMemoryDataset):
+    """The curvature-estimation dataset (see the module docstring).
+
+    Args:
+        root: folder (default ``$GRADGRAPH_DATASETS/siren_fisher`` or ``datasets/siren_fisher``). Datasets
+            with other settings live beside each other (files are tagged with a hash of the settings).
+        num_models: 3000 in the paper (500 test, 500 validation, up to 2000 training).
+        num_points: gradients per graph (the set size b).
+        num_fisher_points: inputs per model for the target.
+        seed: dataset seed.
+        chunk_size: models per chunk file (the unit of resumption).
+    """
+
+    def __init__(self, root: str | None = None, num_models: int = 3000, num_points: int = 128,
+                 num_fisher_points: int = 1024, hidden: tuple[int, ...] = (32, 32), w0: float = 30.0,
+                 seed: int = 0, chunk_size: int = 100, transform=None, progress: bool = True) -> None:
+        if num_models < 1 or num_points < 1 or num_fisher_points < 1:
+            raise ValueError("num_models, num_points and num_fisher_points must be positive")
+        self.config = {"num_models": num_models, "num_points": num_points, "num_fisher_points": num_fisher_points,
+                       "hidden": list(hidden), "w0": w0, "seed": seed}
+        self.chunk_size, self.progress = chunk_size, progress
+        self.tag = config_tag(self.config)
+        super().__init__(root or default_root("siren_fisher"), transform, log=False)
+        stored = torch.load(self.processed_paths[0], weights_only=False)
+        if stored["config"] != self.config:
+            raise RuntimeError(f"{self.processed_paths[0]} holds a dataset with settings {stored['config']}, "
+                               f"not {self.config}; delete the file to regenerate it")
+        self.spec = stored["spec"]
+        self.entry_x, self.y, self.std_est, self.p = stored["entry_x"], stored["y"], stored["std_est"], stored["p"]
+        self._structure = None
+
+    # -- PyG dataset protocol -----------------------------------------------------------------------------
+    @property
+    def raw_dir(self) -> str:
+        return os.path.join(self.root, "raw", self.tag)
+
+    @property
+    def raw_file_names(self) -> list[str]:
+        if os.path.exists(os.path.join(self.processed_dir, self.processed_file_names[0])):
+            return []  # processed: the chunks were only needed to get there (and are deleted)
+        return [f"chunk_{i:05d}.pt" for i in range(math.ceil(self.config["num_models"] / self.chunk_size))]
+
+    @property
+    def processed_file_names(self) -> list[str]:
+        return [f"siren_fisher_{self.tag}.pt"]
+
+    def download(self) -> None:
+        """Generate the missing chunks (the dataset is generated, never downloaded)."""
+        n = self.config["num_models"]
+        missing = [i for i, path in enumerate(self.raw_paths) if not os.path.exists(path)]
+        bar = tqdm(total=n, desc="generating SirenFisher", unit="model", disable=not self.progress)
+        bar.update(n - sum(min(self.chunk_size, n - i * self.chunk_size) for i in missing))
+        for i in missing:
+            lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, n)
+            atomic_save(self._generate(range(lo, hi), bar), self.raw_paths[i])
+        bar.close()
+
+    def _generate(self, indices, bar) -> dict:
+        cfg = self.config
+        entry_x, ys, stds, ps, spec = [], [], [], [], None
+        for i in indices:
+            model, p, x, x_fisher = make_model(i, cfg["seed"], cfg["hidden"], cfg["w0"], cfg["num_points"],
+                                               cfg["num_fisher_points"])
+            graph = capture(model, x)
+            ys.append(fisher_diagonal(capture(model, x_fisher)).float())
+            stds.append(fisher_diagonal(graph).float())
+            entry_x.append(graph.entry_x.float())
+            ps.append(p)
+            spec = graph.spec
+            bar.update(1)
+        return {"spec": spec, "entry_x": torch.stack(entry_x), "y": torch.stack(ys), "std_est": torch.stack(stds),
+                "p": torch.tensor(ps)}
+
+    def process(self) -> None:
+        raw_paths = self.raw_paths
+        chunks = [torch.load(path, weights_only=False) for path in raw_paths]
+        data = {"config": self.config, "spec": chunks[0]["spec"]}
+        for key in ("entry_x", "y", "std_est", "p"):
+            data[key] = torch.cat([c[key] for c in chunks])
+        atomic_save(data, self.processed_paths[0])
+        atomic_write_text(README, Path(self.root) / "README.md")
+        for path in raw_paths:  # everything is in the processed file now
+            os.remove(path)
+
+    def len(self) -> int:
+        return self.config["num_models"]
+
+    def get(self, idx: int) -> GradientGraph:
+        if self._structure is None:  # index tensors shared by every item (one architecture, one set size)
+            ref = capture(make_model(0, self.config["seed"], self.config["hidden"], self.config["w0"],
+                                     self.config["num_points"], 1)[0].float(),
+                          torch.zeros(self.config["num_points"], 1))
+            ref.materialize_edges()
+            self._structure = {k: v for k, v in ref._store.items() if k != "entry_x"}
+        graph = GradientGraph(**self._structure)
+        graph.spec = self.spec
+        graph.entry_x = self.entry_x[idx]
+        graph.y, graph.std_est = self.y[idx], self.std_est[idx]
+        graph.p = self.p[idx].view(1)
+        graph.model_index = torch.tensor([idx])
+        return graph
+
+    # -- splits -------------------------------------------------------------------------------------------
+    def split_indices(self, train_size: int | None = None) -> dict[str, list[int]]:
+        """Indices of the test, validation and training splits (the first ``train_size`` of the pool)."""
+        n = self.config["num_models"]
+        n_test, n_val = min(SPLITS["test"], n // 3), min(SPLITS["val"], n // 3)
+        pool = list(range(n_test + n_val, n))
+        if train_size is not None:
+            if train_size > len(pool):
+                raise ValueError(f"train_size={train_size} exceeds the training pool of {len(pool)} models "
+                                 f"(num_models={n} minus {n_test} test and {n_val} validation)")
+            pool = pool[:train_size]
+        return {"test": list(range(n_test)), "val": list(range(n_test, n_test + n_val)), "train": pool}
+
+
+README = """# siren_fisher
+
+Generated by `gradgraph.data.SirenFisher` (nothing is downloaded). Each item: the gradient graph of an untrained
+SIREN 1 -> 32 -> 32 -> 1 (sin(30 x) activations, all weights and biases ~ N(0, 1)) on 128 inputs from X_p, holding
+the gradients of the model output; target: the diagonal of the regression Fisher E_{x ~ X_p}[grad f grad f^T]
+estimated on 1024 further inputs.
+
+X_p: p ~ U[0, 1] per model, x = 2 B - 1 with B ~ Beta(0.5 + 4p, 4.5 - 4p).
+
+Splits: models 0-499 test, 500-999 validation, 1000-2999 training pool (train size N = its first N).
+
+Files: `raw/<tag>/chunk_*.pt` (100 models each, written atomically; generation resumes from them, and they are
+deleted once `processed/siren_fisher_<tag>.pt` holds everything), where `<tag>` hashes the generation settings.
+The same seed gives the same files.
+"""

@@ -1,0 +1,81 @@
+"""SirenFisher: seeded, resumable, atomic, and its targets are the Fisher diagonal by torch.func."""
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from gradgraph.data import SirenFisher
+from gradgraph.data.siren_fisher import make_model
+
+SMALL = dict(num_models=12, num_points=8, num_fisher_points=64, chunk_size=5, progress=False)
+
+
+def _tensors(ds):
+    return ds.entry_x, ds.y, ds.std_est, ds.p
+
+
+def test_same_seed_same_dataset_whatever_the_chunking(tmp_path):
+    a = SirenFisher(tmp_path / "a", **SMALL)
+    b = SirenFisher(tmp_path / "b", **{**SMALL, "chunk_size": 7})
+    for x, y in zip(_tensors(a), _tensors(b)):
+        assert torch.equal(x, y)
+    c = SirenFisher(tmp_path / "c", **{**SMALL, "seed": 1})
+    assert not torch.equal(a.y, c.y)
+
+
+def test_generation_resumes_after_a_crash(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = SirenFisher._generate
+
+    def crashing(self, indices, bar):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, indices, bar)
+
+    monkeypatch.setattr(SirenFisher, "_generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        SirenFisher(tmp_path / "r", **SMALL)
+    raw = sorted((tmp_path / "r" / "raw").rglob("chunk_*.pt"))
+    assert len(raw) == 1 and not list((tmp_path / "r").rglob("*.tmp"))  # one finished chunk, no half files
+    assert not (tmp_path / "r" / "processed").exists() or not list((tmp_path / "r" / "processed").glob("siren*"))
+    monkeypatch.setattr(SirenFisher, "_generate", original)
+    resumed = SirenFisher(tmp_path / "r", **SMALL)
+    fresh = SirenFisher(tmp_path / "f", **SMALL)
+    for x, y in zip(_tensors(resumed), _tensors(fresh)):
+        assert torch.equal(x, y)
+    assert (tmp_path / "r" / "README.md").exists()
+    assert not list((tmp_path / "r" / "raw").rglob("chunk_*.pt"))  # merged into the processed file
+    again = SirenFisher(tmp_path / "r", **SMALL)  # loads, does not regenerate
+    assert torch.equal(again.y, fresh.y)
+
+
+def _torch_func_fisher(model, x):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def f(p, xi):
+        return functional_call(model, p, (xi[None],)).sum()
+
+    psg = vmap(grad(f), in_dims=(None, 0))(params, x)
+    return torch.cat([psg[k].pow(2).mean(0).reshape(-1) for k in params])
+
+
+@pytest.mark.parametrize("index", [0, 5, 11])
+def test_targets_are_the_fisher_diagonal(tmp_path, index):
+    ds = SirenFisher(tmp_path / "t", **SMALL)
+    model, p, x, x_fisher = make_model(index, 0, (32, 32), 30.0, SMALL["num_points"], SMALL["num_fisher_points"])
+    assert abs(float(ds.p[index]) - p) < 1e-6
+    torch.testing.assert_close(ds.y[index], _torch_func_fisher(model, x_fisher).float(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ds.std_est[index], _torch_func_fisher(model, x).float(), rtol=1e-4, atol=1e-3)
+    graph = ds[index]
+    torch.testing.assert_close(graph.layer_features(0, "a").reshape(-1), x.reshape(-1).float())
+    assert graph.y.shape == (graph.num_params,) == (1153,)
+
+
+def test_splits_and_settings_mismatch(tmp_path):
+    ds = SirenFisher(tmp_path / "s", **SMALL)
+    sp = ds.split_indices(3)
+    assert sp["test"] == [0, 1, 2, 3] and sp["val"] == [4, 5, 6, 7] and sp["train"] == [8, 9, 10]
+    with pytest.raises(ValueError, match="training pool"):
+        ds.split_indices(5)
+    other = SirenFisher(tmp_path / "s", **{**SMALL, "num_points": 4})  # lives beside the first
+    assert other[0].num_samples == 4 and ds[0].num_samples == 8
