@@ -158,3 +158,23 @@ def test_feature_bytes_are_linear_in_neurons():
     ratio = g.feature_bytes() / g.per_sample_grad_bytes()
     assert ratio < 0.03  # 2 floats per neuron and sample vs ~65k weights per sample
     assert "feature bytes" in g.summary()
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt"])
+def test_graphs_of_one_structure_share_index_tensors_but_not_features(family):
+    """Captures of the same model and batch shape share their spec and its cached index tensors; each keeps
+    its own features, and a vocabulary's token ids stay with their own graph."""
+    c = make(family, 0)
+    first = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+    want = {k: v.clone() for k, v in first.per_sample_grads().items()}
+    if family == "gpt":
+        other = torch.randint(c.model.vocab_size, c.inputs.shape)
+    else:
+        other = torch.randn_like(c.inputs)
+    second = gradgraph.capture(c.model, other, c.targets, c.loss_fn)
+    assert second.spec is first.spec
+    assert second.entry_elem is first.entry_elem and second.entry_mask is first.entry_mask
+    assert second.entry_x.data_ptr() != first.entry_x.data_ptr()
+    assert (second.entry_node is first.entry_node) == (family == "mlp")
+    for k, v in first.per_sample_grads().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)

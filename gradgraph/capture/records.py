@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
+from ..errors import NonFiniteGradientError
 from .tracer import SpaceTable
 
 
@@ -82,3 +84,16 @@ class CaptureRecords:
     buffers: dict[str, tuple[int, ...]]
     dtype: object = None
     grad_scale: float = 1.0  # multiplies every g (undoes a mean-reduced loss in a training loop)
+
+    def check_finite(self) -> None:
+        """Raise :class:`~gradgraph.NonFiniteGradientError` naming the first op whose output gradient (then
+        input activation) contains inf or NaN. One pass per site: the graph builder calls it only after a
+        single check over all features failed."""
+        for site in self.outsites:
+            if site.g is not None and not torch.isfinite(site.g).all():
+                raise NonFiniteGradientError(
+                    f"the output gradient of op '{site.name[:-4]}' contains inf or NaN; check the loss and the "
+                    "inputs (a gradient graph of non-finite values cannot be learned from)")
+        for site in self.insites:
+            if site.kind == "dense" and not torch.isfinite(site.a).all():
+                raise NonFiniteGradientError(f"the input activation of op '{site.name[:-3]}' contains inf or NaN")

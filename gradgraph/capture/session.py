@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
-from ..errors import GradGraphError, NonFiniteGradientError, SampleMixingError, UnsupportedModuleError
+from ..errors import GradGraphError, SampleMixingError, UnsupportedModuleError
 from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef
 from .tracer import DataflowTracer, Label, SpaceTable
 
@@ -66,14 +66,16 @@ class CaptureSession:
             raise TypeError(f"gradgraph needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.use_hooks = use_hooks
-        self._param_names = {id(p): n for n, p in model.named_parameters()}
-        self._buffer_names = {id(b): n for n, b in model.named_buffers()}
-        self.params = [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
-        self.buffers = {n: tuple(b.shape) for n, b in model.named_buffers()}
+        named_params = list(model.named_parameters())
+        named_buffers = list(model.named_buffers())
+        self._param_names = {id(p): n for n, p in named_params}
+        self._buffer_names = {id(b): n for n, b in named_buffers}
+        self.params = [(n, tuple(p.shape), p.requires_grad) for n, p in named_params]
+        self.buffers = {n: tuple(b.shape) for n, b in named_buffers}
         self._rules = []
         for path, module in model.named_modules():
             rule = find_rule(module)
-            trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            trainable = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
             if rule is None and trainable:
                 cls = type(module)
                 raise UnsupportedModuleError(
@@ -174,48 +176,49 @@ class CaptureSession:
         """``y = x W^T + b`` over the last axis of ``x`` ([b, ..., in] -> [b, ..., out]). A flattened conv
         map ([b, C*H*W]) keeps its channels as nodes: the op then acts like a conv whose kernel covers the
         whole map."""
-        W, wref = self._param(weight, "weight")
-        B, bref = self._param(bias, "bias")
-        with self.tracer.suspend():
+        with self.tracer.suspend():  # the op and the bookkeeping; the tracer sees the op through its label
+            W, wref = self._param(weight, "weight")
+            B, bref = self._param(bias, "bias")
             out = F.linear(x, W, B)
-        opname = self._op_name(name)
-        lab = self.tracer.get_label(x)
-        last = x.ndim - 1
-        if lab is not None and lab.space is not None and lab.group and lab.axes == (last,) and x.ndim == 2:
-            spatial = lab.group
-            C = x.shape[1] // math.prod(spatial)
-            a = x.reshape(x.shape[0], C, *spatial).movedim(1, -1)
-            insite = self._insite((id(x), "grouped"), opname, x, a, lab, want=(last,), grouped=True)
-            geometry = {"spatial": tuple(spatial)}
-        else:
-            insite = self._insite((id(x), last), opname, x, x, lab, want=(last,))
-            geometry = {}
-        outsite = self._outsite(out, last, opname)
-        self._record(opname, "linear", insite, outsite, wref, bref, geometry)
+            opname = self._op_name(name)
+            lab = self.tracer.get_label(x)
+            last = x.ndim - 1
+            if lab is not None and lab.space is not None and lab.group and lab.axes == (last,) and x.ndim == 2:
+                spatial = lab.group
+                C = x.shape[1] // math.prod(spatial)
+                a = x.reshape(x.shape[0], C, *spatial).movedim(1, -1)
+                insite = self._insite((id(x), "grouped"), opname, x, a, lab, want=(last,), grouped=True)
+                geometry = {"spatial": tuple(spatial)}
+            else:
+                insite = self._insite((id(x), last), opname, x, x, lab, want=(last,))
+                geometry = {}
+            outsite = self._outsite(out, last, opname)
+            self._record(opname, "linear", insite, outsite, wref, bref, geometry)
         return out
 
     def conv(self, x: Tensor, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
              name: str | None = None) -> Tensor:
         """An N-d convolution ([b, C_in, *spatial] -> [b, C_out, *spatial']); channels are the nodes."""
-        W, wref = self._param(weight, "weight")
-        B, bref = self._param(bias, "bias")
-        d = W.ndim - 2
-        opname = self._op_name(name)
-        if groups != 1 or d not in (1, 2):
-            raise UnsupportedModuleError(
-                f"module '{self._path}': gradgraph supports 1-d and 2-d convolutions with groups=1, got a "
-                f"{d}-d convolution with groups={groups}. Grouped/depthwise convolutions need a rule of their own.")
-        conv_fn = F.conv1d if d == 1 else F.conv2d
         with self.tracer.suspend():
+            W, wref = self._param(weight, "weight")
+            B, bref = self._param(bias, "bias")
+            d = W.ndim - 2
+            opname = self._op_name(name)
+            if groups != 1 or d not in (1, 2):
+                raise UnsupportedModuleError(
+                    f"module '{self._path}': gradgraph supports 1-d and 2-d convolutions with groups=1, got a "
+                    f"{d}-d convolution with groups={groups}. Grouped/depthwise convolutions need a rule of their "
+                    "own.")
+            conv_fn = F.conv1d if d == 1 else F.conv2d
             out = conv_fn(x, W, B, stride, padding, dilation)
-        kernel = tuple(W.shape[2:])
-        dil = _tuple(dilation, d)
-        lab = self.tracer.get_label(x)
-        insite = self._insite((id(x), 1), opname, x, x.movedim(1, -1), lab, want=(1,))
-        outsite = self._outsite(out, 1, opname)
-        geometry = {"kernel": kernel, "stride": _tuple(stride, d), "dilation": dil,
-                    "padding": conv_padding(padding, kernel, dil)}
-        self._record(opname, "conv", insite, outsite, wref, bref, geometry)
+            kernel = tuple(W.shape[2:])
+            dil = _tuple(dilation, d)
+            lab = self.tracer.get_label(x)
+            insite = self._insite((id(x), 1), opname, x, x.movedim(1, -1), lab, want=(1,))
+            outsite = self._outsite(out, 1, opname)
+            geometry = {"kernel": kernel, "stride": _tuple(stride, d), "dilation": dil,
+                        "padding": conv_padding(padding, kernel, dil)}
+            self._record(opname, "conv", insite, outsite, wref, bref, geometry)
         return out
 
     def diag(self, x: Tensor, x_hat: Tensor, weight=None, bias=None, axis: int = -1, buffers=(),
@@ -224,36 +227,36 @@ class CaptureSession:
         module input (for the dataflow), ``x_hat`` the normalized input (the activation the weight sees).
         ``buffers`` are per-neuron buffers (running statistics) that a permutation must move as well."""
         axis = axis % x.ndim
-        W, wref = self._param(weight, "weight")
-        B, bref = self._param(bias, "bias")
-        shape = [1] * x.ndim
-        shape[axis] = -1
         with self.tracer.suspend():
+            W, wref = self._param(weight, "weight")
+            B, bref = self._param(bias, "bias")
+            shape = [1] * x.ndim
+            shape[axis] = -1
             out = x_hat * W.view(shape) if W is not None else x_hat * 1.0
             if B is not None:
                 out = out + B.view(shape)
-        opname = self._op_name(name)
-        lab = self.tracer.get_label(x)
-        insite = self._insite((id(x), "diag", len(self.ops)), opname, x, x_hat.movedim(axis, -1), lab,
-                              want=(axis,))
-        outsite = self._outsite(out, axis, opname, space=insite.space)
-        names = tuple(self._buffer_names[id(b)] for b in buffers if id(b) in self._buffer_names)
-        self._record(opname, "diag", insite, outsite, wref, bref, {"buffers": names})
+            opname = self._op_name(name)
+            lab = self.tracer.get_label(x)
+            insite = self._insite((id(x), "diag", len(self.ops)), opname, x, x_hat.movedim(axis, -1), lab,
+                                  want=(axis,))
+            outsite = self._outsite(out, axis, opname, space=insite.space)
+            names = tuple(self._buffer_names[id(b)] for b in buffers if id(b) in self._buffer_names)
+            self._record(opname, "diag", insite, outsite, wref, bref, {"buffers": names})
         return out
 
     def embedding(self, ids: Tensor, weight, padding_idx: int | None = None, name: str | None = None) -> Tensor:
         """A lookup table ``W[ids]`` ([b, ...] long -> [b, ..., d]). The vocabulary entries are input nodes
         whose activation is one-hot; the graph stores the token ids, not the one-hot matrix."""
-        W, wref = self._param(weight, "weight")
         with self.tracer.suspend():
+            W, wref = self._param(weight, "weight")
             out = F.embedding(ids, W, padding_idx)
-        opname = self._op_name(name)
-        space = self.spaces.new(f"{opname}.vocab", W.shape[0], "input")
-        insite = self._insite((id(ids), "embedding", len(self.ops)), opname, ids, ids, None, want=(),
-                              kind="onehot", n=W.shape[0], space=space)
-        outsite = self._outsite(out, out.ndim - 1, opname)
-        pad = None if padding_idx is None else padding_idx % W.shape[0]
-        self._record(opname, "embedding", insite, outsite, wref, None, {"padding_idx": pad})
+            opname = self._op_name(name)
+            space = self.spaces.new(f"{opname}.vocab", W.shape[0], "input")
+            insite = self._insite((id(ids), "embedding", len(self.ops)), opname, ids, ids, None, want=(),
+                                  kind="onehot", n=W.shape[0], space=space)
+            outsite = self._outsite(out, out.ndim - 1, opname)
+            pad = None if padding_idx is None else padding_idx % W.shape[0]
+            self._record(opname, "embedding", insite, outsite, wref, None, {"padding_idx": pad})
         return out
 
     # -- internals --------------------------------------------------------------------------------------
@@ -350,8 +353,9 @@ class CaptureSession:
             site.g = None if g is None else g.detach().movedim(site.axis, -1)
 
     def records(self, grad_scale: float = 1.0, structure_only: bool = False) -> CaptureRecords:
-        """The finished records; raises if a gradient is missing everywhere or contains inf/NaN.
-        ``structure_only`` skips the gradient checks (for building a spec from a forward pass alone)."""
+        """The finished records; raises if no gradient was recorded at all. ``structure_only`` skips the
+        gradient checks (for building a spec from a forward pass alone). Non-finite values are checked by the
+        graph builder in one pass over the assembled features (see :meth:`CaptureRecords.check_finite`)."""
         if self._calls == 0:
             raise GradGraphError("the model was never called while gradgraph was recording")
         if structure_only:
@@ -364,12 +368,5 @@ class CaptureSession:
             if site.g is None:  # this op's output does not influence the loss
                 shape = (self.batch_size,) + site.elem_shape[1:] + (site.n,)
                 site.g = torch.zeros(shape, dtype=self.dtype)
-            if not torch.isfinite(site.g).all():
-                raise NonFiniteGradientError(
-                    f"the output gradient of op '{site.name[:-4]}' contains inf or NaN; check the loss and the "
-                    "inputs (a gradient graph of non-finite values cannot be learned from)")
-        for site in self.insites.values():
-            if site.kind == "dense" and not torch.isfinite(site.a).all():
-                raise NonFiniteGradientError(f"the input activation of op '{site.name[:-3]}' contains inf or NaN")
         return CaptureRecords(self.ops, list(self.insites.values()), self.outsites, self.spaces, self.batch_size,
                               self.params, self.buffers, self.dtype, grad_scale)

@@ -166,8 +166,11 @@ _SOFTMAX = {"softmax", "log_softmax", "softmin"}
 _CAT = {"cat", "concat", "concatenate", "stack"}
 _IGNORED = {"__get__", "size", "dim", "numel", "item", "tolist", "__len__", "__format__", "__repr__",
             "is_floating_point", "is_contiguous", "stride", "data_ptr", "element_size", "__bool__", "__index__",
-            "requires_grad_", "retain_grad", "register_hook", "backward", "__setstate__", "__reduce_ex__",
+            "requires_grad_", "requires_grad", "retain_grad", "register_hook", "backward", "__setstate__", "__reduce_ex__",
             "__deepcopy__", "storage_offset", "untyped_storage", "get_device", "__array__", "numpy", "cpu"}
+
+# ignored ops whose raw name is already normalized (no trailing in-place "_"): skipped before any other work
+_PASS_THROUGH = frozenset(n for n in _IGNORED if not (n.endswith("_") and not n.endswith("__")))
 
 
 def _normalize_name(func) -> tuple[str, bool]:
@@ -267,8 +270,8 @@ class DataflowTracer(TorchFunctionMode):
     # -- dispatch ---------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._suspended:
-            return func(*args, **kwargs)
+        if self._suspended or getattr(func, "__name__", None) in _PASS_THROUGH:
+            return func(*args, **kwargs)  # most calls are attribute reads (Tensor.shape.__get__ & co.)
         ins = _tensors(args, kwargs)
         labeled = [(t, self._labels[id(t)]) for t in ins if id(t) in self._labels]
         if not labeled:

@@ -2,13 +2,16 @@
 the entries (node x element features), and check that every trainable parameter is represented."""
 from __future__ import annotations
 
+import collections
+import functools
 import math
+import weakref
 from collections import defaultdict
 
 import torch
 
 from ..capture.records import CaptureRecords, InSite, OutSite
-from ..errors import UnsupportedModuleError
+from ..errors import NonFiniteGradientError, UnsupportedModuleError
 from .spec import BlockSpec, GraphSpec, LayerSpec, OpSpec, ParamSpec, ParamUse, SpaceSpec
 
 
@@ -117,52 +120,114 @@ def build_spec(rec: CaptureRecords) -> tuple[GraphSpec, list[tuple[InSite | None
 
     spec = GraphSpec(tuple(spaces), tuple(layers), tuple(ops), tuple(groups), tuple(params), tuple(rec.buffers.items()))
     check_coverage(spec)
-    return spec, layer_sites
+    return _intern(spec), layer_sites
+
+
+def _intern(spec: GraphSpec) -> GraphSpec:
+    """The one live GraphSpec equal to ``spec``: graphs captured from the same model on inputs of the same
+    shape share their spec object, and with it the tables cached on it (structure tensors, entry indices).
+
+    Specs are held weakly (keyed by their hash, so the table holds no spec strongly), except the most recent
+    one: a loop that captures batch after batch and drops each graph before the next capture still reuses the
+    cached tables. Memory held beyond the graphs' lifetime: one spec's tables (about 18 bytes per entry)."""
+    key = hash(spec)
+    live = _SPECS.get(key)
+    if live is None or live != spec:
+        _SPECS[key] = live = spec
+    _RECENT.append(live)
+    return live
+
+
+_SPECS: weakref.WeakValueDictionary[int, GraphSpec] = weakref.WeakValueDictionary()
+_RECENT: collections.deque = collections.deque(maxlen=1)
+
+
+def entry_index(spec: GraphSpec, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The structural entry tensors of ``spec``: ``entry_mask`` [E, 2], ``entry_node`` [E] and
+    ``entry_elem`` [E]. Dense blocks are element-major (entry of element m and node i at row m * n + i).
+    Computed once per spec and device and shared by every graph of that spec (like the node and layer
+    tables), so treat them as read-only. The rows of one-hot (vocabulary) blocks in ``entry_node`` hold
+    ``node_start`` here; :func:`build_graph` adds the token ids of each capture to a copy."""
+    cache = spec.__dict__.setdefault("_entry_index", {})
+    key = str(device)
+    if key not in cache:
+        E = spec.num_entries
+        mask = torch.empty(E, 2, dtype=torch.bool, device=device)
+        node = torch.empty(E, dtype=torch.long, device=device)
+        elem = torch.empty(E, dtype=torch.long, device=device)
+        arange = functools.partial(torch.arange, dtype=torch.long, device=device)
+        for layer in spec.layers:
+            for blk in {id(b): b for b in (layer.a, layer.g) if b is not None}.values():
+                M, n = math.prod(spec.groups[blk.group]), layer.size
+                rows, elem0 = slice(blk.start, blk.start + blk.count), spec.group_offsets[blk.group]
+                mask[rows, 0], mask[rows, 1] = "a" in blk.channels, "g" in blk.channels
+                if blk.kind == "onehot":  # one entry per element, on the node of its token
+                    node[rows] = layer.node_start
+                    torch.arange(elem0, elem0 + M, out=elem[rows])
+                else:
+                    node[rows].view(M, n).copy_(arange(layer.node_start, layer.node_start + n))
+                    elem[rows].view(M, n).copy_(arange(elem0, elem0 + M)[:, None])
+        cache[key] = (mask, node, elem)
+    return cache[key]
+
+
+def _interleave(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
+    """``out[..., 0] = a; out[..., 1] = g`` in one pass (out [M, n, 2] contiguous, a and g [M, n], any strides).
+    For float32/64 the pair is written as one complex number (``torch.complex`` into a complex view of ``out``):
+    about 7x faster on CPU than ``torch.stack(..., dim=-1, out=out)`` and 2x faster than two strided copies."""
+    if out.dtype in (torch.float32, torch.float64):
+        torch.complex(a, g, out=torch.view_as_complex(out))
+    else:
+        out[..., 0].copy_(a)
+        out[..., 1].copy_(g)
 
 
 def build_graph(rec: CaptureRecords):
-    """The GradientGraph of one capture: the spec plus the entry features, laid out block by block."""
+    """The GradientGraph of one capture: the spec plus the entry features, laid out block by block.
+
+    Per capture only ``entry_x`` [E, 2] is written (each block once, in place: no intermediate stacks or
+    concatenations); the structural entry tensors come from :func:`entry_index` (cached per spec), and only
+    ``entry_node`` is copied when the model has an embedding (its one-hot rows hold this batch's token ids).
+    Non-finite values are caught by one reduction over ``entry_x`` (a sum is finite only if every summand
+    is); only then are the sites searched for the culprit (:meth:`CaptureRecords.check_finite`), so the
+    error names the op.
+    """
     from .gradient_graph import GradientGraph
 
     spec, layer_sites = build_spec(rec)
     dtype = rec.dtype or torch.get_default_dtype()
     device = next((s.a.device for s, _ in layer_sites if s is not None), None)
-    x_parts, mask_parts, node_parts, elem_parts = [], [], [], []
-    offsets = spec.group_offsets
+    entry_mask, entry_node, entry_elem = entry_index(spec, device)
+    entry_x = torch.empty(spec.num_entries, 2, dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    node_copied = False
     for layer, (s, o) in zip(spec.layers, layer_sites):
-        n = layer.size
         if layer.a is layer.g:
             blocks = [(layer.a, s.a, o.g)]
         else:
             blocks = [(blk, a, g) for blk, a, g in ((layer.a, s and s.a, None), (layer.g, None, o and o.g))
                       if blk is not None]
         for blk, a, g in blocks:
-            M = math.prod(spec.groups[blk.group])
-            if blk.kind == "onehot":
-                x = torch.zeros(M, 2, dtype=dtype, device=device)
-                x[:, 0] = 1
-                has = (True, False)
-                nodes = layer.node_start + a.reshape(-1).to(device)
-                elems = torch.arange(M, device=device)
-            else:
-                av = a.reshape(M * n).to(dtype) if a is not None else torch.zeros(M * n, dtype=dtype, device=device)
-                gv = (g.reshape(M * n).to(dtype) * rec.grad_scale if g is not None
-                      else torch.zeros(M * n, dtype=dtype, device=device))
-                x = torch.stack([av, gv], -1)
-                has = (a is not None, g is not None)
-                nodes = layer.node_start + torch.arange(n, device=device).repeat(M)
-                elems = torch.arange(M, device=device).repeat_interleave(n)
-            x_parts.append(x)
-            mask_parts.append(torch.tensor([has], device=device).expand(x.shape[0], 2))
-            node_parts.append(nodes)
-            elem_parts.append(offsets[blk.group] + elems)
-    return GradientGraph.from_parts(
-        spec,
-        entry_x=torch.cat(x_parts) if x_parts else torch.zeros(0, 2, dtype=dtype),
-        entry_mask=torch.cat(mask_parts) if mask_parts else torch.zeros(0, 2, dtype=torch.bool),
-        entry_node=torch.cat(node_parts) if node_parts else torch.zeros(0, dtype=torch.long),
-        entry_elem=torch.cat(elem_parts) if elem_parts else torch.zeros(0, dtype=torch.long),
-    )
+            M, n = math.prod(spec.groups[blk.group]), layer.size
+            rows = slice(blk.start, blk.start + blk.count)
+            if blk.kind == "onehot":  # a = 1 on the token's node, no g
+                entry_x[rows, 0], entry_x[rows, 1] = 1, 0
+                if not node_copied:
+                    entry_node, node_copied = entry_node.clone(), True
+                entry_node[rows] += a.reshape(-1).to(device)
+                continue
+            # element-major, as in entry_index; a missing a or g is a broadcast zero
+            av, gv = (zero.expand(M, n) if t is None else t.reshape(M, n).to(device=device, dtype=dtype)
+                      for t in (a, g))
+            _interleave(entry_x[rows].view(M, n, 2), av, gv)
+            if g is not None and rec.grad_scale != 1.0:
+                entry_x[rows, 1].mul_(rec.grad_scale)
+    if not bool(torch.isfinite(entry_x.sum())) and not bool(torch.isfinite(entry_x).all()):
+        rec.check_finite()
+        raise NonFiniteGradientError(f"multiplying the output gradients by grad_scale={rec.grad_scale} overflowed "
+                                     f"{dtype}; use a smaller scale or a wider dtype")
+    return GradientGraph.from_parts(spec, entry_x=entry_x, entry_mask=entry_mask, entry_node=entry_node,
+                                    entry_elem=entry_elem)
 
 
 def check_coverage(spec: GraphSpec) -> None:
