@@ -53,17 +53,28 @@ def cmd_inspect(args) -> int:
 
 def cmd_train_curvature(args) -> int:
     import json
+    import os
+
+    import torch.distributed as dist
 
     from .tasks.curvature import CurvatureConfig, train_curvature
 
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
+    if distributed:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     cfg = CurvatureConfig(model=args.model, train_size=args.train_size, seed=args.seed, epochs=args.epochs,
                           patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                           num_models=args.num_models, num_points=args.num_points, out_dir=args.out_dir,
                           device=args.device)
-    metrics = train_curvature(cfg, progress=not args.quiet)
-    summary = {k: v for k, v in metrics.items() if k not in ("history", "config")}
-    print(json.dumps(summary, indent=1))
-    print(f"run folder: {cfg.run_dir}")
+    try:
+        metrics = train_curvature(cfg, progress=not args.quiet)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if not distributed or int(os.environ.get("RANK", "0")) == 0:
+        summary = {k: v for k, v in metrics.items() if k not in ("history", "config")}
+        print(json.dumps(summary, indent=1))
+        print(f"run folder: {cfg.run_dir}")
     return 0
 
 

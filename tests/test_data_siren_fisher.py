@@ -79,3 +79,19 @@ def test_splits_and_settings_mismatch(tmp_path):
         ds.split_indices(5)
     other = SirenFisher(tmp_path / "s", **{**SMALL, "num_points": 4})  # lives beside the first
     assert other[0].num_samples == 4 and ds[0].num_samples == 8
+
+
+def test_fast_batches_equal_pyg_batches(tmp_path):
+    from torch_geometric.loader import DataLoader
+
+    ds = SirenFisher(tmp_path / "b", **SMALL)
+    idx = [3, 0, 7, 11, 5]
+    fast = list(ds.batches(idx, 2))
+    slow = list(DataLoader(ds[idx], batch_size=2))
+    assert len(fast) == len(slow) == 3
+    for f, s in zip(fast, slow):
+        assert set(f.keys()) == set(s.keys())
+        for key in s.keys():
+            if isinstance(s[key], torch.Tensor):
+                assert torch.equal(f[key], s[key]), key
+        assert [g.model_id.item() for g in f.to_data_list()] == [g.model_id.item() for g in s.to_data_list()]

@@ -52,7 +52,12 @@ def _net(cls, level, **kw):
     """In eval mode: the parameter head's running scale of raw gradients is a dataset statistic (like
     BatchNorm's), updated from the batch in training mode."""
     torch.manual_seed(0)
-    return cls(hidden_channels=16, num_layers=2, out_level=level, out_channels=2, **kw).double().eval()
+    net = cls(hidden_channels=16, num_layers=2, out_level=level, out_channels=2, **kw).double().eval()
+    with torch.no_grad():  # zero-initialized branches would be trivially equivariant: give them weights
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.2)
+    return net
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -60,6 +65,12 @@ def _net(cls, level, **kw):
 @pytest.mark.parametrize("level", LEVELS)
 def test_equivariant_models(cls, family, level):
     e_sample, e_neuron = _errors(_net(cls, level), level, *_graphs(family))
+    assert e_sample < 1e-6 and e_neuron < 1e-6
+
+
+@pytest.mark.parametrize("family", ["cnn", "gpt"])
+def test_gradmetanet_plus_plus_with_moment_terms_is_equivariant(family):
+    e_sample, e_neuron = _errors(_net(GradMetaNetPlusPlus, "param", bilinear_channels=4), "param", *_graphs(family))
     assert e_sample < 1e-6 and e_neuron < 1e-6
 
 
@@ -136,11 +147,11 @@ def _exact_head(which):
         for p in head.parameters():
             p.zero_()
         col_a, col_g = (0, 1) if which == "gradient" else (2, 3)  # raw monomials: a, g, a^2, g^2, ...
-        head.psi_r.weight[0, col_a] = 1
-        head.phi_r.weight[0, col_g] = 1
-        head.bil_out.weight.fill_(1)
-        head.bil_bias.weight.fill_(1)
-    return net
+        head.moments.psi_r.weight[0, col_a] = 1
+        head.moments.phi_r.weight[0, col_g] = 1
+        head.moments.paired_out.weight.fill_(1)
+        head.moments.bias_out.weight.fill_(1)  # factorized_out stays zero: that term is off
+    return net  # in eval mode every running scale is still 1
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "gpt", "transformer_encoder", "conv1d", "residual"])
@@ -154,15 +165,28 @@ def test_bilinear_head_reproduces_the_batch_gradient(family):
     assert_tensors_close(got, want, rtol=1e-9)
 
 
+def test_head_starts_from_the_gradient_and_the_fisher():
+    """At initialization, bilinear channel 0 is the batch gradient and channel 1 the empirical Fisher (in the
+    running-scale units), whatever the other weights are."""
+    c = make("siren", 1)
+    g = gradgraph.capture(c.model, c.inputs)
+    net = GradMetaNet(8, 2, "param", 1, bilinear_channels=3, head_init="fisher").double().eval()
+    got = g.graph_to_params(net(g))  # eval mode: the running scales are 1, the output is channel 1 alone
+    want = {k: v.pow(2).mean(0) for k, v in g.per_sample_grads().items()}
+    from conftest import assert_tensors_close
+
+    assert_tensors_close(got, want, rtol=1e-9)  # biases: mean of g^2, their Fisher
+
+
 def test_running_scale_is_a_dataset_constant():
     net = GradMetaNet(8, 2, "param", 1)
     g = gradgraph.capture(make("mlp", 0).model.float(), make("mlp", 0).inputs.float())
     net(g)
-    ms = net.head.raw_scale.mean_square.clone()
+    ms = net.head.moments.raw_scale.mean_square.clone()
     net.eval()
     net(g)
-    assert torch.equal(ms, net.head.raw_scale.mean_square)  # frozen in eval mode
-    r = net.head.raw_scale
+    assert torch.equal(ms, net.head.moments.raw_scale.mean_square)  # frozen in eval mode
+    r = net.head.moments.raw_scale
     assert torch.allclose(r.mean_square[:5], torch.stack([g.entry_x[:, 0].pow(2).mean(), g.entry_x[:, 1].pow(2).mean(),
                           g.entry_x[:, 0].pow(4).mean(), g.entry_x[:, 1].pow(4).mean(),
                           (g.entry_x[:, 0] * g.entry_x[:, 1]).pow(2).mean()]))
@@ -232,3 +256,21 @@ def test_gradmetanet_never_builds_an_edges_by_set_tensor():
         bound = 2 * max(E * widest, P * f)
         assert probe.largest <= bound, (b, probe.largest, E * widest, P * f)
     assert P * b * f > 2 * bound  # the bound would catch an edges x set x channels tensor
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "transformer_encoder"])
+def test_dense_fast_path_equals_the_scatter_path(family, monkeypatch):
+    """Uniform batches take reshape-and-sum pooling and dense attention; results equal the general path."""
+    c = make(family, 0)
+    graphs = [gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)] * 3
+    batch = next(iter(DataLoader(graphs, batch_size=3)))
+    assert BatchLayout(batch).uniform
+    for cls in (GradMetaNet, GradMetaNetPlusPlus):
+        net = _net(cls, "param").train()  # training mode: the running scale updates identically in both
+        torch.manual_seed(1)
+        fast = net(batch)
+        monkeypatch.setattr(BatchLayout, "uniform", property(lambda self: False))
+        net2 = _net(cls, "param").train()
+        slow = net2(batch)
+        monkeypatch.undo()
+        torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("GRADGRAPH_DATASETS", str(tmp_path / "datasets"))  # keep test data out of the repo
+    monkeypatch.setenv("GRADGRAPH_RUNS", str(tmp_path / "runs"))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()

@@ -72,3 +72,27 @@ def test_cli_train_and_bench(tmp_path, monkeypatch, capsys):
     table = (tmp_path / "results" / "curvature_tiny.md").read_text()
     assert "standard estimator" in table and "gradmetanet" in table and "n=5" in table
     assert (tmp_path / "results" / "curvature_tiny.png").stat().st_size > 5000
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """Multi-process training with torch.distributed (gloo, loopback) gives the single-process results."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun ships with torch"
+    env = {**os.environ, "GRADGRAPH_DATASETS": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
+    args = ["-m", "gradgraph.cli", "train", "curvature", "--train-size", "12", "--epochs", "3", "--batch-size", "5",
+            "--num-models", "45", "--num-points", "8", "--quiet"]
+    subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path / "one")], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29571", *args,
+                    "--out-dir", str(tmp_path / "two")], env=env, check=True, capture_output=True)
+    one = json.loads((tmp_path / "one" / "gradmetanet-n12-s0" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "gradmetanet-n12-s0" / "metrics.json").read_text())
+    for a, b in zip(one["history"], two["history"]):
+        assert a["val_mse"] == pytest.approx(b["val_mse"], rel=1e-4)
+        assert a["train_mse"] == pytest.approx(b["train_mse"], rel=1e-4)
+    assert one["test_mse"] == pytest.approx(two["test_mse"], rel=1e-4)

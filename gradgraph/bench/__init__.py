@@ -10,7 +10,9 @@ import platform
 import torch
 
 BENCHMARKS: dict[str, str] = {
+    "capture": "gradgraph.bench.capture",
     "curvature": "gradgraph.bench.curvature",
+    "metanet": "gradgraph.bench.metanet",
 }
 
 

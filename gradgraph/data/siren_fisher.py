@@ -12,7 +12,7 @@ near +1, p = 0.5 gives a symmetric bump; the family changes smoothly with p.
 
 Item attributes, besides the GradientGraph's own: ``y`` [P] the target diagonal, ``std_est`` [P] the standard
 estimator (the diagonal of the empirical Fisher of the same ``num_points`` gradients the graph holds), both in
-theta order; ``p`` [1]; ``model_index`` [1]. Splits (``split_indices``): the first 500 models are the test
+theta order; ``p`` [1]; ``model_id`` [1]. Splits (``split_indices``): the first 500 models are the test
 split, the next 500 validation, the rest the training pool (train subsets of size N are its first N).
 
 Generation is seeded per model (the same seed gives the same dataset, however it is chunked or resumed), shows
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..capture import capture
 from ..graph.gradient_graph import GradientGraph
 from ..models import SIREN
-from .common import atomic_save, atomic_write_text, config_tag, default_root, item_seed, seeded
+from .common import UniformBatcher, atomic_save, atomic_write_text, config_tag, default_root, item_seed, seeded
 
 SPLITS = {"test": 500, "val": 500}
 
@@ -146,20 +146,36 @@ class SirenFisher(InMemoryDataset):
     def len(self) -> int:
         return self.config["num_models"]
 
-    def get(self, idx: int) -> GradientGraph:
-        if self._structure is None:  # index tensors shared by every item (one architecture, one set size)
+    @property
+    def structure(self) -> dict:
+        """The index tensors every item shares (one architecture, one set size), edges materialized."""
+        if self._structure is None:
             ref = capture(make_model(0, self.config["seed"], self.config["hidden"], self.config["w0"],
                                      self.config["num_points"], 1)[0].float(),
                           torch.zeros(self.config["num_points"], 1))
             ref.materialize_edges()
-            self._structure = {k: v for k, v in ref._store.items() if k != "entry_x"}
-        graph = GradientGraph(**self._structure)
+            self._structure = {k: v for k, v in ref._store.items() if k not in ("entry_x", "spec")}
+        return self._structure
+
+    def _item_tensors(self) -> dict:
+        return {"entry_x": self.entry_x, "y": self.y, "std_est": self.std_est, "p": self.p.view(-1, 1),
+                "model_id": torch.arange(len(self.p)).view(-1, 1)}
+
+    def get(self, idx: int) -> GradientGraph:
+        graph = GradientGraph(**self.structure)
         graph.spec = self.spec
-        graph.entry_x = self.entry_x[idx]
-        graph.y, graph.std_est = self.y[idx], self.std_est[idx]
-        graph.p = self.p[idx].view(1)
-        graph.model_index = torch.tensor([idx])
+        for key, t in self._item_tensors().items():
+            graph[key] = t[idx]
         return graph
+
+    def batches(self, indices: list[int], batch_size: int):
+        """Batches of the items ``indices`` in order, equal to what torch_geometric's DataLoader returns for
+        ``dataset[indices]`` but collated once per batch size (see UniformBatcher)."""
+        if getattr(self, "_batcher", None) is None:
+            template = GradientGraph(**self.structure)
+            template.spec = self.spec
+            self._batcher = UniformBatcher(template, self._item_tensors())
+        return self._batcher.batches(indices, batch_size)
 
     # -- splits -------------------------------------------------------------------------------------------
     def split_indices(self, train_size: int | None = None) -> dict[str, list[int]]:

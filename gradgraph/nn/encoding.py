@@ -75,20 +75,66 @@ class RunningScale(nn.Module):
     the first ``warmup`` batches, then an exponential average) and frozen in eval mode. One constant per
     column keeps relative magnitudes (so exact products stay representable) while bringing raw gradient
     scales, which can be 1e6 or more, to O(1). As with BatchNorm, a training-mode output depends on the
-    other graphs of the batch; evaluation and equivariance checks use ``eval()``."""
+    other graphs of the batch; evaluation and equivariance checks use ``eval()``. ``calibrate_scales``
+    computes the statistics once from training data and freezes them (recommended: heavy-tailed gradient
+    statistics make a running estimate noisy)."""
 
     def __init__(self, num_features: int, momentum: float = 0.01, warmup: int = 100, eps: float = 1e-12) -> None:
         super().__init__()
         self.momentum, self.warmup, self.eps = momentum, warmup, eps
         self.register_buffer("mean_square", torch.ones(num_features))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
-            with torch.no_grad():
-                ms = x.detach().pow(2).mean(0).to(self.mean_square.dtype)
-                n = int(self.batches)
-                w = 1.0 / (n + 1) if n < self.warmup else self.momentum
-                self.mean_square.mul_(1 - w).add_(w * ms) if n else self.mean_square.copy_(ms)
-                self.batches += 1
-        return x / (self.mean_square.to(x.dtype) + self.eps).sqrt()
+        self.observe(x)
+        return x / self.scale(x)
+
+    def observe(self, x: Tensor) -> None:
+        """In training mode, fold the mean square of ``x`` [N, C] (this batch) into the running statistics."""
+        if not self.training or bool(self.frozen):
+            return
+        with torch.no_grad():
+            ms = self._batch_mean_square(x.detach())
+            n = int(self.batches)
+            w = 1.0 / (n + 1) if n < self.warmup else self.momentum
+            self.mean_square.mul_(1 - w).add_(w * ms) if n else self.mean_square.copy_(ms)
+            self.batches += 1
+
+    def scale(self, like: Tensor) -> Tensor:
+        """The running root mean square per column, [C], in ``like``'s dtype."""
+        return (self.mean_square.to(like.dtype) + self.eps).sqrt()
+
+    def _batch_mean_square(self, x: Tensor) -> Tensor:
+        """Mean square per column over the batch, over all ranks under torch.distributed (as SyncBatchNorm)."""
+        import torch.distributed as dist
+
+        sums = torch.cat([x.pow(2).sum(0), x.new_tensor([x.shape[0]])]).to(self.mean_square.dtype)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        return sums[:-1] / sums[-1].clamp_min(1)
+
+
+@torch.no_grad()
+def calibrate_scales(model: nn.Module, batches) -> int:
+    """Data-dependent initialization of every ``RunningScale`` in ``model``: the plain average of the
+    statistics over ``batches`` (an iterable of graph batches; targets are not used), then frozen, so that
+    training starts from, and keeps, one fixed normalization. Returns the number of batches used."""
+    scales = [m for m in model.modules() if isinstance(m, RunningScale)]
+    if not scales:
+        return 0
+    for m in scales:
+        m.mean_square.fill_(1.0)
+        m.batches.zero_()
+        m.frozen.fill_(False)
+        m.warmup = 1 << 30  # a plain cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    n = 0
+    for batch in batches:
+        model(batch)
+        n += 1
+    for m in scales:
+        m.frozen.fill_(True)
+    model.train(was_training)
+    return n

@@ -12,6 +12,13 @@ from .encoding import RunningScale, raw_monomials
 from .layout import BatchLayout, StructureGroup, aligned_blocks
 
 
+def _zero(lin: nn.Linear) -> None:
+    with torch.no_grad():
+        lin.weight.zero_()
+        if lin.bias is not None:
+            lin.bias.zero_()
+
+
 def mlp(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_channels, hidden), nn.GELU(), nn.Linear(hidden, out_channels))
 
@@ -38,40 +45,119 @@ class GraphHead(nn.Module):
         return self.mlp(scatter(u, layout.node_graph, 0, dim_size=layout.num_graphs, reduce="mean"))
 
 
-def _bilinear(group: StructureGroup, op, phi: Tensor, psi: Tensor) -> Tensor:
-    """(1/b) sum over aligned positions of phi(out-neuron) * psi(in-neuron): the op's weight gradient with
-    (phi, psi) in place of (g, a). [G, n_out, n_in, K, C] ([G, n, 1, 1, C] for diag ops)."""
+def _bilinear(group: StructureGroup, op, phi: Tensor, psi: Tensor) -> tuple[Tensor, Tensor]:
+    """Two second-moment terms of an op, from per-entry features phi (out-neuron side) and psi (in-neuron side):
+
+    * paired: (1/b) sum_q phi_q(j) psi_q(i), the op's weight gradient with (phi, psi) in place of (g, a);
+    * factorized: ((1/b) sum_q phi_q(j)) ((1/b) sum_q psi_q(i)), the product of the two neurons' moments
+      (K-FAC-like: lower variance when the two sides are weakly correlated).
+
+    Both [G, n_out, n_in, K, C] ([G, n, 1, 1, C] for diag ops)."""
     X_out, X_in, b = aligned_blocks(group, op, phi, psi)
+    out_mean = X_out.sum(1) / b  # [G, n_out, C]
     if op.kind == "embedding":
         X_tok, tokens = X_in
         G, _, n_out, C = X_out.shape
         V = group.spec.layers[op.in_layer].size
         flat = (tokens + V * torch.arange(G, device=tokens.device)[:, None]).reshape(-1)
         res = X_out.new_zeros(G * V, n_out, C).index_add_(0, flat, (X_out * X_tok[:, :, None, :]).reshape(-1, n_out, C))
-        return res.view(G, V, n_out, C).transpose(1, 2)[:, :, :, None, :] / b
+        paired = res.view(G, V, n_out, C).transpose(1, 2)[:, :, :, None, :] / b
+        in_mean = X_tok.new_zeros(G * V, C).index_add_(0, flat, X_tok.reshape(-1, C)).view(G, V, C) / b
+        return paired, out_mean[:, :, None, None, :] * in_mean[:, None, :, None, :]
     if op.kind == "diag":
-        return (X_out * X_in[:, :, :, 0]).sum(1)[:, :, None, None, :] / b
-    return torch.einsum("gqoc,gqikc->goikc", X_out, X_in) / b
+        paired = (X_out * X_in[:, :, :, 0]).sum(1)[:, :, None, None, :] / b
+        return paired, (out_mean * X_in[:, :, :, 0].sum(1) / b)[:, :, None, None, :]
+    paired = torch.einsum("gqoc,gqikc->goikc", X_out, X_in) / b
+    return paired, out_mean[:, :, None, None, :] * (X_in.sum(1) / b)[:, None]
+
+
+class MomentTerms(nn.Module):
+    """Second-moment terms computed like weight gradients (see ``_bilinear``), for any parameter head.
+
+    Per entry, ``phi = (R r) * (1 + H_phi h)`` (out-neuron side) and ``psi = (R' r) * (1 + H_psi h)`` (in-neuron
+    side), where r = (a, g, a^2, g^2, a g, has_a, has_g) divided by its running RMS (``RunningScale``) and h
+    are set-level embeddings. Channel 0 starts as (g, a), the gradient, and channel 1 as (g^2, a^2), the
+    empirical Fisher diagonal (exact for ops with one element per sample), their gates zeroed. The paired and
+    bias terms (one moment, for weights and for biases) are divided by their running RMS over every parameter
+    of the batch, the factorized terms by theirs (one constant per channel, so layers and parameter kinds keep
+    their relative scales) before the output maps, which brings raw curvature scales to O(1). ``init="fisher"`` (or ``"gradient"``) makes the output start as that channel
+    alone, i.e. as the classical estimator in these units; ``None`` starts from a random combination."""
+
+    INITS = {"gradient": 0, "fisher": 1}
+
+    def __init__(self, entry_channels: int, channels: int, out_channels: int, init: str | None = None) -> None:
+        super().__init__()
+        if init is not None and (init not in self.INITS or channels <= self.INITS[init]):
+            raise ValueError(f"moment init must be one of {sorted(self.INITS)} (with enough channels), got {init!r}")
+        self.raw_scale = RunningScale(7)
+        self.paired_scale, self.factorized_scale = RunningScale(channels), RunningScale(channels)
+        self.phi_r, self.psi_r = nn.Linear(7, channels, bias=False), nn.Linear(7, channels, bias=False)
+        self.phi_h, self.psi_h = nn.Linear(entry_channels, channels), nn.Linear(entry_channels, channels)
+        self.paired_out = nn.Linear(channels, out_channels, bias=False)
+        self.factorized_out = nn.Linear(channels, out_channels, bias=False)
+        self.bias_out = nn.Linear(channels, out_channels, bias=False)
+        with torch.no_grad():  # channel 0: (g, a) -> gradient; channel 1: (g^2, a^2) -> empirical Fisher
+            for c, (col_g, col_a) in enumerate([(1, 0), (3, 2)][:channels]):
+                self.phi_r.weight[c].zero_()
+                self.psi_r.weight[c].zero_()
+                self.phi_r.weight[c, col_g] = 1.0
+                self.psi_r.weight[c, col_a] = 1.0
+                for lin in (self.phi_h, self.psi_h):
+                    lin.weight[c].zero_()
+                    lin.bias[c] = 0.0
+            if init is not None:
+                for lin in (self.paired_out, self.factorized_out, self.bias_out):
+                    lin.weight.zero_()
+                self.paired_out.weight[:, self.INITS[init]] = 1.0
+                self.bias_out.weight[:, self.INITS[init]] = 1.0
+
+    def compute(self, layout: BatchLayout, h: Tensor) -> tuple[dict, dict]:
+        """The weight term of every (group, op) with trainable weights, [G, n_out, n_in, K, out] (diag:
+        [G, n, 1, 1, out]), and the bias term of every (group, op) with trainable biases, [G, n_out, out]."""
+        r = self.raw_scale(raw_monomials(layout.graph.entry_x.to(h.dtype), layout.graph.entry_mask))
+        phi, psi = self.phi_r(r) * (1 + self.phi_h(h)), self.psi_r(r) * (1 + self.psi_h(h))
+        # a bias is a weight on a constant input a = 1: its psi is that of the constant's monomials
+        one = h.new_tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+        psi_bias = self.psi_r(one / self.raw_scale.scale(one))[0]
+        pairs, biases = {}, {}
+        for gi, group in enumerate(layout.groups):
+            for k, op in enumerate(group.spec.ops):
+                if group.spec.theta_range(op.weight) is not None:
+                    pairs[gi, k] = _bilinear(group, op, phi, psi)
+                if group.spec.theta_range(op.bias) is not None:
+                    lay = group.spec.layers[op.out_layer]
+                    X = group.block(phi, lay, "g")
+                    biases[gi, k] = X.reshape(group.size, -1, lay.size, X.shape[-1]).sum(1) / X.shape[1] * psi_bias
+        # one running scale per channel over every parameter of the batch: paired weight terms and bias terms
+        # together (they are the same moment for weights and for biases), factorized terms apart
+        flat = lambda ts: [t.reshape(-1, t.shape[-1]) for t in ts]  # noqa: E731
+        self.paired_scale.observe(torch.cat(flat([t[0] for t in pairs.values()]) + flat(biases.values())))
+        if pairs:
+            self.factorized_scale.observe(torch.cat(flat([t[1] for t in pairs.values()])))
+        weights = {key: self.paired_out(p / self.paired_scale.scale(p)) + self.factorized_out(
+                   f / self.factorized_scale.scale(f)) for key, (p, f) in pairs.items()}
+        biases = {key: self.bias_out(t / self.paired_scale.scale(t)) for key, t in biases.items()}
+        return weights, biases
 
 
 class ParamHead(nn.Module):
     """Parameter-level head: for a weight between in-neuron i and out-neuron j (kernel offset k),
 
         out = W_o GELU(W_s u_i + W_d u_j + W_k pos(k) + e_kind [+ W_p param_features])      (L_Prod)
-              + W_b (1/b) sum_q phi_q(j) psi_q(i)                                          (bilinear)
+              + W_b (1/b) sum_q phi_q(j) psi_q(i)                                          (paired moments)
+              + W_f ((1/b) sum_q phi_q(j)) ((1/b) sum_q psi_q(i))                          (factorized moments)
 
-    and for a bias of neuron j, the same without the i and k terms (the bilinear term with psi = 1).
-    ``phi``/``psi`` are computed per entry from the set-level embeddings h and the raw monomials
-    r = (a, g, a^2, g^2, a g, has_a, has_g) divided by their running RMS (one constant per column, see
-    ``RunningScale``): ``phi = (R r) * (1 + H h)``. The bilinear term is computed exactly like a weight
-    gradient (a matmul for linear ops, unfolded patches for convs), never as an edges x set tensor; with
-    phi = g, psi = a it is the batch gradient and with phi = g^2, psi = a^2 the empirical Fisher diagonal
-    (exactly, for ops with one element per sample), so both are representable.
+    and for a bias of neuron j, the same without the i and k terms. The moment terms (``MomentTerms``) are
+    computed exactly like a weight gradient (a matmul for linear ops, unfolded patches for convs), never as an
+    edges x set tensor; with phi = g, psi = a the paired term is the batch gradient and with phi = g^2,
+    psi = a^2 the empirical Fisher diagonal, which is where two of its channels start. The pairwise MLP's output
+    layer starts at zero, so the head starts from the moment terms and learns a correction.
 
     ``param_features`` ([P, F], theta order, e.g. the weights themselves) enter the pairwise term."""
 
     def __init__(self, node_channels: int, out_channels: int, hidden: int | None = None,
-                 entry_channels: int | None = None, bilinear_channels: int = 8, param_features: int = 0) -> None:
+                 entry_channels: int | None = None, bilinear_channels: int = 8, param_features: int = 0,
+                 moment_init: str | None = None) -> None:
         super().__init__()
         hidden = hidden or node_channels
         self.out_channels = out_channels
@@ -82,29 +168,22 @@ class ParamHead(nn.Module):
         self.bias_node = nn.Linear(node_channels, hidden)
         self.bias_out = nn.Linear(hidden, out_channels)
         self.param_lin = nn.Linear(param_features, hidden, bias=False) if param_features else None
-        self.bilinear = entry_channels is not None and bilinear_channels > 0
-        if self.bilinear:
-            self.raw_scale = RunningScale(7)
-            self.phi_r, self.psi_r = nn.Linear(7, bilinear_channels, bias=False), nn.Linear(7, bilinear_channels, bias=False)
-            self.phi_h, self.psi_h = nn.Linear(entry_channels, bilinear_channels), nn.Linear(entry_channels, bilinear_channels)
-            self.bil_out = nn.Linear(bilinear_channels, out_channels, bias=False)
-            self.bil_bias = nn.Linear(bilinear_channels, out_channels, bias=False)
+        use_moments = entry_channels is not None and bilinear_channels > 0
+        self.moments = MomentTerms(entry_channels, bilinear_channels, out_channels, moment_init) if use_moments else None
+        if use_moments:  # start from the moment terms; the pairwise MLP learns a correction from zero
+            _zero(self.out)
+            _zero(self.bias_out)
 
     def forward(self, u: Tensor, layout: BatchLayout, h: Tensor | None = None,
                 param_features: Tensor | None = None) -> Tensor:
         if (param_features is None) != (self.param_lin is None):
             raise ValueError("this head was built with param_features=%d; pass a [P, F] tensor exactly when F > 0"
                              % (0 if self.param_lin is None else self.param_lin.in_features))
-        graph = layout.graph
         out = u.new_zeros(layout.num_params, self.out_channels)
-        phi = psi = None
-        if self.bilinear:
-            r = self.raw_scale(raw_monomials(graph.entry_x.to(u.dtype), graph.entry_mask))
-            phi = self.phi_r(r) * (1 + self.phi_h(h))
-            psi = self.psi_r(r) * (1 + self.psi_h(h))
-        for group in layout.groups:
+        m_weights, m_biases = self.moments.compute(layout, h) if self.moments is not None else ({}, {})
+        for gi, group in enumerate(layout.groups):
             spec = group.spec
-            for op in spec.ops:
+            for k, op in enumerate(spec.ops):
                 lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
                 kind = self.kind.weight[KIND_CODES[op.kind]]
                 u_out = group.nodes(u, lout)
@@ -113,23 +192,17 @@ class ParamHead(nn.Module):
                     d = self.dst(u_out)[:, :, None, None]
                     s = self.src(group.nodes(u, lin))
                     s = s[:, :, None, None] if op.kind == "diag" else s[:, None, :, None]
-                    off = self.offset(kernel_coords(op).to(u.device, u.dtype))
-                    pre = d + s + off + kind
+                    pre = d + s + self.offset(kernel_coords(op).to(u.device, u.dtype)) + kind
                     if self.param_lin is not None:
                         pre = pre + self.param_lin(param_features[tidx])
-                    val = self.out(F.gelu(pre))
-                    if self.bilinear:
-                        val = val + self.bil_out(_bilinear(group, op, phi, psi))
+                    val = self.out(F.gelu(pre)) + m_weights.get((gi, k), 0)
                     out[tidx.reshape(-1)] = val.reshape(-1, self.out_channels)
                 bidx = group.bias_index(op)
                 if bidx is not None:
                     pre = self.bias_node(u_out) + kind
                     if self.param_lin is not None:
                         pre = pre + self.param_lin(param_features[bidx])
-                    val = self.bias_out(F.gelu(pre))
-                    if self.bilinear:
-                        X = group.block(phi, lout, "g")
-                        val = val + self.bil_bias(X.reshape(group.size, -1, lout.size, X.shape[-1]).sum(1) / X.shape[1])
+                    val = self.bias_out(F.gelu(pre)) + m_biases.get((gi, k), 0)
                     out[bidx.reshape(-1)] = val.reshape(-1, self.out_channels)
         return out
 
@@ -140,9 +213,11 @@ class PairwiseSetHead(nn.Module):
         W_ij = W_o (1/b) sum_q GELU(U x_q(j) + V x_q(i) + W_k pos(k) + e_kind),  b_j = W_o' (1/b) sum_q GELU(B x_q(j))
 
     This builds an edges x set-elements x hidden tensor (chunked over the set to bound memory): its cost is
-    O(P b hidden), quadratic where GradMetaNet's heads are linear."""
+    O(P b hidden), quadratic where GradMetaNet's heads are linear. With ``bilinear_channels > 0`` the
+    ``MomentTerms`` of GradMetaNet's head are added (a multiplicative pair interaction the GELU sum lacks)."""
 
-    def __init__(self, channels: int, out_channels: int, hidden: int | None = None, chunk: int = 1 << 22) -> None:
+    def __init__(self, channels: int, out_channels: int, hidden: int | None = None, chunk: int = 1 << 22,
+                 bilinear_channels: int = 0, moment_init: str | None = None) -> None:
         super().__init__()
         hidden = hidden or channels
         self.out_channels, self.chunk = out_channels, chunk
@@ -152,6 +227,11 @@ class PairwiseSetHead(nn.Module):
         self.out = nn.Linear(hidden, out_channels)
         self.bias_in = nn.Linear(channels, hidden)
         self.bias_out = nn.Linear(hidden, out_channels)
+        self.moments = (MomentTerms(channels, bilinear_channels, out_channels, moment_init)
+                        if bilinear_channels > 0 else None)
+        if self.moments is not None:  # start from the moment terms, as ParamHead does
+            _zero(self.out)
+            _zero(self.bias_out)
 
     def _pairs(self, group, op, xo: Tensor, xi: Tensor) -> Tensor:
         X_out, X_in, b = aligned_blocks(group, op, xo, xi)
@@ -177,16 +257,19 @@ class PairwiseSetHead(nn.Module):
     def forward(self, h: Tensor, layout: BatchLayout) -> Tensor:
         out = h.new_zeros(layout.num_params, self.out_channels)
         xo, xi, xb = self.U(h), self.V(h), self.bias_in(h)
-        for group in layout.groups:
+        m_weights, m_biases = self.moments.compute(layout, h) if self.moments is not None else ({}, {})
+        for gi, group in enumerate(layout.groups):
             spec = group.spec
-            for op in spec.ops:
+            for k, op in enumerate(spec.ops):
                 lout = spec.layers[op.out_layer]
                 tidx = group.theta_index(op)
                 if tidx is not None:
-                    out[tidx.reshape(-1)] = self.out(self._pairs(group, op, xo, xi)).reshape(-1, self.out_channels)
+                    val = self.out(self._pairs(group, op, xo, xi)) + m_weights.get((gi, k), 0)
+                    out[tidx.reshape(-1)] = val.reshape(-1, self.out_channels)
                 bidx = group.bias_index(op)
                 if bidx is not None:
                     X = F.gelu(group.block(xb, lout, "g"))
                     X = X.reshape(group.size, -1, lout.size, X.shape[-1])
-                    out[bidx.reshape(-1)] = self.bias_out(X.sum(1) / X.shape[1]).reshape(-1, self.out_channels)
+                    val = self.bias_out(X.sum(1) / X.shape[1]) + m_biases.get((gi, k), 0)
+                    out[bidx.reshape(-1)] = val.reshape(-1, self.out_channels)
         return out

@@ -113,9 +113,10 @@ class WeightMessages(MessagePassing):
 
 
 class SegmentAttention(nn.Module):
-    """Multi-head self-attention among the entries of each segment (the entries of one node: attention across
-    the set; the entries of one element: attention across neurons). Segments are padded into a dense batch
-    (no padding when all segments have the same length, the usual case). Cost O(sum of segment lengths^2 f)."""
+    """Multi-head self-attention among the entries of each segment: the entries of one node (``axis="node"``,
+    attention across the set) or of one element (``axis="element"``, attention across neurons). Uniform
+    batches attend on dense blocks (one call per layer or element group); otherwise segments are sorted and
+    padded into a dense batch. Cost O(sum of segment lengths^2 f)."""
 
     def __init__(self, channels: int, heads: int = 4) -> None:
         super().__init__()
@@ -125,17 +126,50 @@ class SegmentAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
 
-    def forward(self, h: Tensor, segment: Tensor, num_segments: int) -> Tensor:
-        order = torch.argsort(segment, stable=True)
-        x, mask = to_dense_batch(h[order], segment[order], batch_size=num_segments)
+    def _attend(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x [S, L, f] -> [S, L, f]; ``mask`` [S, L] marks real entries (None: all)."""
         S, L, f = x.shape
         q, k, v = self.qkv(x).view(S, L, 3, self.heads, f // self.heads).permute(2, 0, 3, 1, 4)
-        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = self.out(y.transpose(1, 2).reshape(S, L, f))[mask]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        return self.out(y.transpose(1, 2).reshape(S, L, f))
+
+    def forward(self, h: Tensor, layout: BatchLayout, axis: str) -> Tensor:
+        if layout.uniform:
+            return self._uniform(h, layout, axis)
+        segment, num_segments = layout.pool_index(axis)
+        order = torch.argsort(segment, stable=True)
+        x, mask = to_dense_batch(h[order], segment[order], batch_size=num_segments)
+        y = self._attend(x, None if bool(mask.all()) else mask)[mask]
         out = torch.empty_like(h)
         out[order] = y
         return out
+
+    def _uniform(self, h: Tensor, layout: BatchLayout, axis: str) -> Tensor:
+        spec, G, f = layout.specs[0], layout.num_graphs, h.shape[-1]
+        h3, out = h.view(G, -1, f), torch.empty_like(h).view(G, -1, f)
+        if axis == "node":  # per layer: [G, M_layer, n, f], sequences along the set
+            units = [[(lay, blk) for blk in layout._blocks(lay)] for lay in spec.layers]
+            cat_dim = 1
+        elif axis == "element":  # per element group: [G, M, N_group, f], sequences along the neurons
+            groups: dict[int, list] = {}
+            for lay in spec.layers:
+                for blk in layout._blocks(lay):
+                    groups.setdefault(blk.group, []).append((lay, blk))
+            units, cat_dim = list(groups.values()), 2
+        else:
+            raise ValueError(f"attention runs across 'node' or 'element' segments, not {axis!r}")
+        for unit in units:
+            parts = [h3[:, blk.start:blk.start + blk.count].reshape(G, -1, lay.size, f) for lay, blk in unit]
+            x = torch.cat(parts, cat_dim)  # [G, M, n, f]
+            if cat_dim == 1:
+                M, n = x.shape[1], x.shape[2]
+                y = self._attend(x.transpose(1, 2).reshape(G * n, M, f)).view(G, n, M, f).transpose(1, 2)
+            else:
+                M, N = x.shape[1], x.shape[2]
+                y = self._attend(x.reshape(G * M, N, f)).view(G, M, N, f)
+            for (lay, blk), piece in zip(unit, y.split([p.shape[cat_dim] for p in parts], cat_dim)):
+                out[:, blk.start:blk.start + blk.count] = piece.reshape(G, -1, f)
+        return out.view(-1, f)
 
 
 class AttentionBlock(nn.Module):
@@ -150,6 +184,6 @@ class AttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
 
     def forward(self, h: Tensor, layout: BatchLayout) -> Tensor:
-        h = h + self.set_attn(self.norm_set(h), *layout.pool_index("node"))
-        h = h + self.neuron_attn(self.norm_neuron(h), *layout.pool_index("element"))
+        h = h + self.set_attn(self.norm_set(h), layout, "node")
+        h = h + self.neuron_attn(self.norm_neuron(h), layout, "element")
         return h + self.mlp(self.norm_mlp(h))

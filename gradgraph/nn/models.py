@@ -36,6 +36,8 @@ class GradMetaNet(nn.Module):
         bilinear_channels: channels of the weight-gradient-shaped head (0 disables it); see ``ParamHead``.
         edge_messages: add messages along weight edges in the neuron layers.
         param_features: F > 0 if ``forward`` gets per-parameter features [P, F] (e.g. the weights).
+        head_init: ``"gradient"`` or ``"fisher"`` starts the parameter head as that classical estimator (in
+            running-scale units, see ``MomentTerms``); None (default) starts from a random combination.
 
     Input sizes come from the graph: any architecture, any set size, one net. Equivariant to reordering
     the samples and to every neuron permutation of the graph's symmetry group. Cost: O(E f^2) per set layer,
@@ -45,7 +47,7 @@ class GradMetaNet(nn.Module):
     def __init__(self, hidden_channels: int = 64, num_layers: int = 4, out_level: str = "param",
                  out_channels: int = 1, set_layers: int | None = None, pools: tuple[str, ...] = SET_POOLS,
                  pe_dim: int = 16, bilinear_channels: int = 8, edge_messages: bool = False,
-                 param_features: int = 0) -> None:
+                 param_features: int = 0, head_init: str | None = None) -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         f = hidden_channels
@@ -60,7 +62,7 @@ class GradMetaNet(nn.Module):
         self.norm = nn.LayerNorm(f)
         if out_level == "param":
             self.head = ParamHead(f, out_channels, entry_channels=f, bilinear_channels=bilinear_channels,
-                                  param_features=param_features)
+                                  param_features=param_features, moment_init=head_init)
         elif out_level == "node":
             self.head = NodeHead(f, out_channels)
         else:
@@ -85,11 +87,13 @@ class GradMetaNetPlusPlus(nn.Module):
     """GradMetaNet++: no pooling layer; every block attends across the set (per node) and across neurons
     (per element); the parameter head is applied per set element and summed (``PairwiseSetHead``).
 
-    Same arguments as :class:`GradMetaNet` (plus ``heads``). Cost O((N b^2 + b N^2) f) per block and
+    Same arguments as :class:`GradMetaNet` (plus ``heads``; ``bilinear_channels`` adds GradMetaNet's moment
+    terms to the pairwise head, 0 by default as in the paper). Cost O((N b^2 + b N^2) f) per block and
     O(P b f) for the parameter head, which builds an edges x set-elements tensor (chunked)."""
 
     def __init__(self, hidden_channels: int = 64, num_layers: int = 4, out_level: str = "param",
-                 out_channels: int = 1, heads: int = 4, pe_dim: int = 16, head_hidden: int | None = None) -> None:
+                 out_channels: int = 1, heads: int = 4, pe_dim: int = 16, head_hidden: int | None = None,
+                 bilinear_channels: int = 0, head_init: str | None = None) -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         f = hidden_channels
@@ -98,7 +102,8 @@ class GradMetaNetPlusPlus(nn.Module):
         self.blocks = nn.ModuleList(AttentionBlock(f, heads) for _ in range(num_layers))
         self.norm = nn.LayerNorm(f)
         if out_level == "param":
-            self.head = PairwiseSetHead(f, out_channels, head_hidden)
+            self.head = PairwiseSetHead(f, out_channels, head_hidden, bilinear_channels=bilinear_channels,
+                                        moment_init=head_init)
         else:
             self.head = mlp(f, f, out_channels)
 
