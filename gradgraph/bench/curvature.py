@@ -125,7 +125,8 @@ def report(results: dict, g: dict, seconds: float) -> str:
             params = str(runs[0]["parameters"])
             mse, mse_sd = _mean_std(r["test_mse"] for r in runs)
             imp, imp_sd = _mean_std(100 * r["improvement_mse"] for r in runs)
-            cells.append(f"{mse:.4f} +- {mse_sd:.4f} ({imp:+.1f} +- {imp_sd:.1f}%)")
+            seeds = "" if len(runs) == len(g["seeds"]) else f" [{len(runs)} seed{'s' if len(runs) > 1 else ''}]"
+            cells.append(f"{mse:.4f} +- {mse_sd:.4f} ({imp:+.1f} +- {imp_sd:.1f}%){seeds}")
         lines.append(f"| {model} | {params} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
