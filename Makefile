@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/gradgraph inspect --model gpt
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check gradgraph tests benchmarks
 	$(PY) -m pytest -q
 
 .PHONY: install demo test

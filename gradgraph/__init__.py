@@ -5,8 +5,15 @@
     s = gradgraph.random_symmetry(model)              # a neuron permutation that preserves the function
 """
 from .capture import GradientRecorder, capture, register_rule, supported_modules
-from .errors import (GradGraphError, LossShapeError, NonFiniteGradientError, SampleMixingError,
-                     SetSizeMismatchError, StructureMismatchError, UnsupportedModuleError)
+from .errors import (
+                     GradGraphError,
+                     LossShapeError,
+                     NonFiniteGradientError,
+                     SampleMixingError,
+                     SetSizeMismatchError,
+                     StructureMismatchError,
+                     UnsupportedModuleError,
+)
 from .graph import GradientGraph, Symmetry, apply_symmetry, random_symmetry
 
 __version__ = "0.1.0"

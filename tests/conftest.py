@@ -37,7 +37,7 @@ def assert_tensors_close(got: dict, want: dict, rtol=1e-6):
     assert set(got) == set(want), (sorted(got), sorted(want))
     scale = max(float(v.abs().max()) for v in want.values()) if want else 1.0
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * scale, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * scale, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(autouse=True)

@@ -3,11 +3,11 @@ import copy
 
 import pytest
 import torch
+from cases import ALL_CASES, make
+from conftest import assert_tensors_close, autograd_grads, reference_per_sample_grads
 from torch import nn
 
 import gradgraph
-from cases import ALL_CASES, make
-from conftest import assert_tensors_close, autograd_grads, reference_per_sample_grads
 from gradgraph.losses import per_sample_mse
 
 

@@ -1,10 +1,10 @@
 """GradientGraph: layout, parameter round trip, edges, batching of mixed architectures, networkx view."""
 import pytest
 import torch
+from cases import make
 from torch_geometric.loader import DataLoader
 
 import gradgraph
-from cases import make
 from gradgraph.graph import require_set_size
 
 FAMILIES = ["mlp", "cnn", "conv1d", "gpt", "transformer_encoder", "residual"]
@@ -94,7 +94,8 @@ def test_edges_map_each_weight_to_its_neurons(family):
             b = params[op.bias.name]
             b = b[op.bias.rows[0]:op.bias.rows[1]] if op.bias.rows else b
             nodes = torch.tensor(list(g.spec.layers[op.out_layer].nodes))
-            sel = torch.isin(g.bentry_node, nodes) & torch.isin(g.bentry_theta, torch.arange(*g.spec.theta_range(op.bias)))
+            in_range = torch.arange(*g.spec.theta_range(op.bias))
+            sel = torch.isin(g.bentry_node, nodes) & torch.isin(g.bentry_theta, in_range)
             torch.testing.assert_close(theta[g.bentry_theta[sel]], b)
 
 

@@ -1,11 +1,11 @@
 """random_symmetry / apply_symmetry: function preservation, the capture property, and negative tests."""
 import pytest
 import torch
+from cases import ALL_CASES, make
+from conftest import assert_tensors_close, reference_per_sample_grads
 from torch import nn
 
 import gradgraph
-from cases import ALL_CASES, make
-from conftest import assert_tensors_close, reference_per_sample_grads
 from gradgraph.graph.ops import KINDS
 from gradgraph.models import GPT
 

@@ -2,11 +2,11 @@
 exactness of the weight-gradient-shaped head, and cost."""
 import pytest
 import torch
+from cases import make
 from torch.overrides import TorchFunctionMode
 from torch_geometric.loader import DataLoader
 
 import gradgraph
-from cases import make
 from gradgraph.graph import node_permutation
 from gradgraph.nn import GradMetaNet, GradMetaNetPlusPlus
 from gradgraph.nn.baselines import BatchAsymmetric, MLPConcat, NeuronAsymmetric, WeightSpaceGMN

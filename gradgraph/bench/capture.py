@@ -66,19 +66,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import dataclasses
-import gc
 import importlib.metadata
 import itertools
 import json
 import os
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -89,6 +85,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .measure import frozen_heap, release_freed_memory_to_os, step_peak, time_steps
 
 DEFAULT_OUTPUT = "benchmarks/results/capture.md"
 PEERS = ("vmap", "opacus", "backpack")
@@ -336,93 +334,6 @@ def agreement(config: Config, engines: list[str], device: str, samples: int = 4,
 
 
 # -- timing --------------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def frozen_heap():
-    """Move every object alive now out of the garbage collector's sight (``gc.freeze``), so that the
-    ``gc.collect()`` between steps takes milliseconds instead of ~0.2 s (torch, PyG and the peers make a heap
-    of ~300k objects). Nested uses are no-ops."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def time_steps(steps: dict[str, Step], x: Tensor, y: Tensor, device: str, warmup: int = 2, repeats: int = 7,
-               budget_s: float = 30.0, progress=None) -> dict[str, list[float]]:
-    """Wall times (seconds) of ``repeats`` steps of every engine after ``warmup`` steps, round-robin. An engine
-    whose measured steps have taken ``budget_s`` stops early once it has 3 of them."""
-    times: dict[str, list[float]] = {e: [] for e in steps}
-    spent = dict.fromkeys(steps, 0.0)
-    with frozen_heap():
-        for r in range(warmup + repeats):
-            for name, step in steps.items():
-                if r >= warmup and len(times[name]) >= 3 and spent[name] >= budget_s:
-                    continue
-                gc.collect()
-                _sync(device)
-                t0 = time.perf_counter()
-                result = step(x, y)
-                _sync(device)
-                dt = time.perf_counter() - t0
-                del result
-                if r >= warmup:
-                    times[name].append(dt)
-                    spent[name] += dt
-            if progress is not None:
-                progress.update(1)
-    return times
-
-
-# -- peak memory ---------------------------------------------------------------------------------------------
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
-def release_freed_memory_to_os(threshold: int = 64 * 1024) -> bool:
-    """glibc: serve every allocation of ``threshold`` bytes or more by its own mmap (returned to the OS when
-    freed), stop adapting that threshold, and give the free heap back now (``malloc_trim``), so that RSS
-    tracks live memory from here on. False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
 @dataclass
 class Memory:
     """Peak extra bytes of one step, and how they were measured."""
@@ -439,27 +350,7 @@ def measure_peak(config: Config, engine: str, device: str = "cpu", seed: int = 0
         step = prepare(engine, model, loss_fn)
         del model
         step(x, y)  # warm-up: lazy initializations, hooks, caches; freed before measuring
-        gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            result = step(x, y)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            del result
-            return Memory(peak, "torch.cuda.max_memory_allocated")
-        base_kib = _status_kib("VmRSS")
-        if base_kib is not None and _reset_rss_peak():
-            result = step(x, y)
-            peak = (_status_kib("VmHWM") - base_kib) * 1024
-            del result
-            return Memory(peak, "VmHWM - VmRSS")
-        before = _maxrss_bytes()
-        result = step(x, y)
-        peak = _maxrss_bytes() - before
-        del result
-        return Memory(peak, "ru_maxrss", "lower bound (ru_maxrss cannot be reset)")
+        return Memory(*step_peak(lambda: step(x, y), device))
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -715,7 +606,8 @@ def report(rows: list[Row], engines: list[str], machine: str, command: str) -> s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("grid")
     g.add_argument("--models", nargs="+", choices=("mlp", "cnn", "gpt"), default=["mlp", "cnn", "gpt"])
-    g.add_argument("--widths", nargs="+", type=int, default=[256, 1024, 2048], help="MLP widths (default 256 1024 2048)")
+    g.add_argument("--widths", nargs="+", type=int, default=[256, 1024, 2048],
+                   help="MLP widths (default 256 1024 2048)")
     g.add_argument("--batches", nargs="+", type=int, default=[32, 128], help="MLP batch sizes (default 32 128)")
     g.add_argument("--depth", type=int, default=2, help="MLP hidden layers (default 2)")
     g.add_argument("--ref-batches", nargs="+", type=int, default=[128],

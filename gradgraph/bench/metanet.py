@@ -30,7 +30,7 @@ from ..data.common import atomic_write_text
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..nn.baselines import WeightSpaceGMN
 from . import machine_description
-from .capture import _reset_rss_peak, _status_kib, frozen_heap, release_freed_memory_to_os, time_steps
+from .measure import frozen_heap, release_freed_memory_to_os, step_peak, time_steps
 
 MODELS = ("gradmetanet", "gradmetanet++", "gmn-concat")
 
@@ -75,28 +75,11 @@ def _step(net: nn.Module, graph):
 
 
 def measure_peak(setting: Setting, name: str, hidden: int, device: str) -> int | None:
-    """Peak extra bytes of one step above the prepared state (VmHWM - VmRSS on Linux, CUDA peak on GPUs)."""
+    """Peak extra bytes of one step above the prepared state (see gradgraph.bench.measure.step_peak)."""
     graph = setting.graph(device=device)
     step = _step(build(name, setting, hidden, device), graph)
-    step()
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = step()
-        torch.cuda.synchronize()
-        del out
-        return torch.cuda.max_memory_allocated() - base
-    base = _status_kib("VmRSS")
-    if base is None or not _reset_rss_peak():
-        return None
-    out = step()
-    peak = (_status_kib("VmHWM") - base) * 1024
-    del out
-    return peak
+    step()  # warm-up
+    return step_peak(step, device)[0]
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -164,10 +164,12 @@ _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "
 _EXPAND = {"expand", "expand_as", "broadcast_to"}
 _SOFTMAX = {"softmax", "log_softmax", "softmin"}
 _CAT = {"cat", "concat", "concatenate", "stack"}
-_IGNORED = {"__get__", "size", "dim", "numel", "item", "tolist", "__len__", "__format__", "__repr__",
-            "is_floating_point", "is_contiguous", "stride", "data_ptr", "element_size", "__bool__", "__index__",
-            "requires_grad_", "requires_grad", "retain_grad", "register_hook", "backward", "__setstate__", "__reduce_ex__",
-            "__deepcopy__", "storage_offset", "untyped_storage", "get_device", "__array__", "numpy", "cpu"}
+_IGNORED = {
+    "__get__", "size", "dim", "numel", "item", "tolist", "__len__", "__format__", "__repr__", "is_floating_point",
+    "is_contiguous", "stride", "data_ptr", "element_size", "__bool__", "__index__", "requires_grad_",
+    "requires_grad", "retain_grad", "register_hook", "backward", "__setstate__", "__reduce_ex__", "__deepcopy__",
+    "storage_offset", "untyped_storage", "get_device", "__array__", "numpy", "cpu",
+}
 
 # ignored ops whose raw name is already normalized (no trailing in-place "_"): skipped before any other work
 _PASS_THROUGH = frozenset(n for n in _IGNORED if not (n.endswith("_") and not n.endswith("__")))

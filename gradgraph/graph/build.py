@@ -240,7 +240,7 @@ def check_coverage(spec: GraphSpec) -> None:
                 intervals.append((r[0], r[1], use.name, op.name))
     intervals.sort()
     pos = 0
-    for lo, hi, pname, opname in intervals:
+    for lo, hi, pname, _ in intervals:
         if lo < pos:
             users = sorted({o for l2, h2, p2, o in intervals if p2 == pname})
             raise UnsupportedModuleError(

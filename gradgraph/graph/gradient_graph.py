@@ -223,7 +223,7 @@ class GradientGraph(Data):
             for i, node in enumerate(layer.nodes):
                 G.add_node(node, layer=layer.key, depth=li, space=space.key, role=layer.role, pos=i,
                            permutable=space.permutable)
-        for k, op in enumerate(spec.ops):
+        for op in spec.ops:
             src, dst, _ = KINDS[op.kind].edges(op, spec.layers[op.in_layer].size, spec.layers[op.out_layer].size, 0)
             s0, d0 = spec.layers[op.in_layer].node_start, spec.layers[op.out_layer].node_start
             G.add_edges_from(zip((src + s0).tolist(), (dst + d0).tolist()), op=op.name, kind=op.kind,

@@ -34,10 +34,10 @@ def conv_patches(maps: Tensor, op: OpSpec) -> Tensor:
 
 
 def _conv_grad(A: Tensor, G: Tensor, op: OpSpec) -> Tensor:
-    """Per-sample conv weight gradient. A: [b, *in_spatial, C], G: [b, *out_spatial, O] -> [b, O, C * K]."""
-    b, O = A.shape[0], G.shape[-1]
+    """Per-sample conv weight gradient. A: [b, *in_spatial, C], G: [b, *out_spatial, C_out] -> [b, C_out, C * K]."""
+    b, c_out = A.shape[0], G.shape[-1]
     patches = conv_patches(A.movedim(-1, 1), op)  # [b, C*K, L]
-    return torch.einsum("blo,bkl->bok", G.reshape(b, -1, O), patches)
+    return torch.einsum("blo,bkl->bok", G.reshape(b, -1, c_out), patches)
 
 
 def kernel_coords(op: OpSpec) -> Tensor:

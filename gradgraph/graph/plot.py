@@ -48,7 +48,8 @@ def draw_graph(graph, path: str | None = None, ax=None, max_edges: int = 3000, f
     ax.set_xticklabels([layer.key for layer in spec.layers], rotation=60, ha="right", fontsize=7)
     ax.set_yticks([])
     ax.set_title(f"gradient graph: {graph.num_nodes} neurons, {graph.num_edges} weight edges, "
-                 f"{graph.num_samples} samples\nnode colour: role; node size: mean |{feature}| over the set", fontsize=9)
+                 f"{graph.num_samples} samples\nnode colour: role; node size: mean |{feature}| over the set",
+                 fontsize=9)
     for role, c in _ROLE_COLORS.items():
         ax.scatter([], [], color=c, label=role)
     ax.legend(loc="upper left", fontsize=7)

@@ -80,8 +80,9 @@ class MomentTerms(nn.Module):
     empirical Fisher diagonal (exact for ops with one element per sample), their gates zeroed. The paired and
     bias terms (one moment, for weights and for biases) are divided by their running RMS over every parameter
     of the batch, the factorized terms by theirs (one constant per channel, so layers and parameter kinds keep
-    their relative scales) before the output maps, which brings raw curvature scales to O(1). ``init="fisher"`` (or ``"gradient"``) makes the output start as that channel
-    alone, i.e. as the classical estimator in these units; ``None`` starts from a random combination."""
+    their relative scales) before the output maps, which brings raw curvature scales to O(1).
+    ``init="fisher"`` (or ``"gradient"``) makes the output start as that channel alone, i.e. as the classical
+    estimator in these units; ``None`` starts from a random combination."""
 
     INITS = {"gradient": 0, "fisher": 1}
 
@@ -169,7 +170,8 @@ class ParamHead(nn.Module):
         self.bias_out = nn.Linear(hidden, out_channels)
         self.param_lin = nn.Linear(param_features, hidden, bias=False) if param_features else None
         use_moments = entry_channels is not None and bilinear_channels > 0
-        self.moments = MomentTerms(entry_channels, bilinear_channels, out_channels, moment_init) if use_moments else None
+        self.moments = (MomentTerms(entry_channels, bilinear_channels, out_channels, moment_init)
+                        if use_moments else None)
         if use_moments:  # start from the moment terms; the pairwise MLP learns a correction from zero
             _zero(self.out)
             _zero(self.bias_out)

@@ -167,7 +167,7 @@ class SegmentAttention(nn.Module):
             else:
                 M, N = x.shape[1], x.shape[2]
                 y = self._attend(x.reshape(G * M, N, f)).view(G, M, N, f)
-            for (lay, blk), piece in zip(unit, y.split([p.shape[cat_dim] for p in parts], cat_dim)):
+            for (_, blk), piece in zip(unit, y.split([p.shape[cat_dim] for p in parts], cat_dim)):
                 out[:, blk.start:blk.start + blk.count] = piece.reshape(G, -1, f)
         return out.view(-1, f)
 

@@ -264,7 +264,7 @@ class BatchLayout:
         apply = fn if fn is not None else (lambda t: t)
         pieces: dict[int, Tensor] = {}  # block -> pooled values broadcastable to [G, M, n, f_out]
         if axis == "layer":
-            for lay, blk in blocks:
+            for _, blk in blocks:
                 pieces[id(blk)] = apply(dense[id(blk)].mean(2, keepdim=True))
         elif axis == "node":
             for lay in spec.layers:
@@ -275,13 +275,13 @@ class BatchLayout:
                     pieces[id(b)] = out
         elif axis == "graph":
             out = apply(h.view(G, -1, h.shape[-1]).mean(1))[:, None, None]
-            for lay, blk in blocks:
+            for _, blk in blocks:
                 pieces[id(blk)] = out
         elif axis in ("sample", "element"):
             key = (lambda blk: 0) if axis == "sample" else (lambda blk: blk.group)
             sums: dict[int, Tensor] = {}
             counts: dict[int, int] = {}
-            for lay, blk in blocks:
+            for _, blk in blocks:
                 b = spec.groups[blk.group][0]
                 x = dense[id(blk)]
                 x = x.reshape(G, b, -1, x.shape[-1]) if axis == "sample" else x
@@ -290,7 +290,7 @@ class BatchLayout:
                 sums[k] = s if k not in sums else sums[k] + s
                 counts[k] = counts.get(k, 0) + (x.shape[2])
             means = {k: apply(sums[k] / counts[k]) for k in sums}
-            for lay, blk in blocks:
+            for _, blk in blocks:
                 m = means[key(blk)]
                 if axis == "sample":
                     per = dense[id(blk)].shape[1] // m.shape[1]
