@@ -86,6 +86,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..io import atomic_write_text
 from .measure import frozen_heap, release_freed_memory_to_os, step_peak, time_steps
 
 DEFAULT_OUTPUT = "benchmarks/results/capture.md"
@@ -686,10 +687,7 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     text = report(rows, args.engines, machine, command_line(args))
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write_text(text, out)
     print(text)
     print(f"written to {out}")
     return 0

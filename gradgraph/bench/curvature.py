@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from ..data.common import atomic_write_text
+from ..io import atomic_write_text
 from ..tasks.curvature import MODELS, CurvatureConfig, load_dataset, train_curvature
 from . import machine_description
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..capture import capture
-from ..data.common import atomic_write_text
+from ..io import atomic_write_text
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..nn.baselines import WeightSpaceGMN
 from . import machine_description

@@ -5,10 +5,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io import atomic_save, atomic_write_text  # noqa: F401 (re-exported for the datasets)
 
 
 def default_root(name: str) -> str:
@@ -19,28 +20,6 @@ def default_root(name: str) -> str:
 def config_tag(config: dict) -> str:
     """A short stable hash of a generation config (datasets with other settings live beside it)."""
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

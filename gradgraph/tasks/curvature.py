@@ -27,8 +27,8 @@ from torch import nn
 from torch_geometric.loader import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.common import atomic_save, atomic_write_text
 from ..data.siren_fisher import SirenFisher
+from ..io import atomic_save, atomic_write_text
 from ..nn import GradMetaNet, GradMetaNetPlusPlus, calibrate_scales
 from ..nn.baselines import BatchAsymmetric, MLPConcat, NeuronAsymmetric, WeightSpaceGMN
 
