@@ -74,6 +74,23 @@ def test_gradmetanet_plus_plus_with_moment_terms_is_equivariant(family):
     assert e_sample < 1e-6 and e_neuron < 1e-6
 
 
+def test_space_normalization_keeps_equivariance():
+    e_sample, e_neuron = _errors(_net(GradMetaNet, "param", norm_by="space"), "param", *_graphs("gpt"))
+    assert e_sample < 1e-6 and e_neuron < 1e-6
+
+
+def test_space_and_layer_scales_differ_only_where_spaces_span_layers():
+    from gradgraph.nn.encoding import scale_normalize
+
+    g = _graphs("gpt")[0]
+    layout = BatchLayout(g)
+    by_layer, by_space = scale_normalize(g, layout, "layer")[0], scale_normalize(g, layout, "space")[0]
+    single = torch.tensor([sum(lay.space == lay2.space for lay2 in g.spec.layers) == 1 for lay in g.spec.layers])
+    entry_single = single[g.node_layer[g.entry_node]]
+    torch.testing.assert_close(by_layer[entry_single], by_space[entry_single])
+    assert not torch.allclose(by_layer[~entry_single], by_space[~entry_single])
+
+
 def test_edge_messages_keep_equivariance():
     e_sample, e_neuron = _errors(_net(GradMetaNet, "param", edge_messages=True), "param", *_graphs("gpt"))
     assert e_sample < 1e-6 and e_neuron < 1e-6

@@ -24,12 +24,13 @@ def raw_monomials(entry_x: Tensor, entry_mask: Tensor) -> Tensor:
     return torch.cat([a, g, a * a, g * g, a * g, entry_mask.to(entry_x.dtype)], -1)
 
 
-def scale_normalize(graph, layout: BatchLayout) -> tuple[Tensor, Tensor]:
-    """Per (graph, layer) and channel, divide a and g by their root mean square over the layer's entries.
-    Returns the normalized features [E, 2] and the log of the scales [E, 2] (0 where a channel is absent),
-    so magnitudes stay visible to the network without dominating it. Invariant to sample order and
-    equivariant to neuron permutations (one scale per layer)."""
-    rms = layout.layer_scales(graph.entry_x, graph.entry_mask)
+def scale_normalize(graph, layout: BatchLayout, by: str = "layer") -> tuple[Tensor, Tensor]:
+    """Per (graph, layer) and channel, divide a and g by their root mean square over the layer's entries
+    (``by="space"``: over the neuron space's entries, which for a transformer's residual stream pools layers at
+    every depth; per layer is finer and the default). Returns the normalized features [E, 2] and the log of the
+    scales [E, 2] (0 where a channel is absent), so magnitudes stay visible to the network without dominating
+    it. Invariant to sample order and equivariant to neuron permutations (one scale per layer or space)."""
+    rms = layout.layer_scales(graph.entry_x, graph.entry_mask, by=by)
     return graph.entry_x / rms, torch.log(rms) * graph.entry_mask.to(rms.dtype)
 
 
@@ -55,14 +56,15 @@ class EntryEncoder(nn.Module):
     """Embed every entry (node x set element): normalized (a, g), which of them exist, the layer's log scales,
     signed-log magnitudes, and the node's positional encoding -> [E, channels]."""
 
-    def __init__(self, channels: int, pe_dim: int = 16) -> None:
+    def __init__(self, channels: int, pe_dim: int = 16, norm_by: str = "layer") -> None:
         super().__init__()
+        self.norm_by = norm_by
         self.pe = NodeEncoding(pe_dim)
         self.lin = nn.Linear(2 + 2 + 2 + 2, channels)
         self.lin_pe = nn.Linear(3 * pe_dim, channels, bias=False)  # applied per node, then gathered
 
     def forward(self, graph, layout: BatchLayout) -> Tensor:
-        x_norm, log_scale = scale_normalize(graph, layout)
+        x_norm, log_scale = scale_normalize(graph, layout, self.norm_by)
         dtype = self.lin.weight.dtype
         slog = torch.sign(graph.entry_x) * torch.log1p(graph.entry_x.abs())
         feats = torch.cat([x_norm, graph.entry_mask.to(x_norm.dtype), log_scale / 10, slog / 10], -1).to(dtype)

@@ -225,13 +225,16 @@ class BatchLayout:
         idx, size = self.pool_index("graph")
         return scatter(h, idx, 0, dim_size=size, reduce="mean")
 
-    def layer_scales(self, x: Tensor, mask: Tensor, eps: float = 1e-12) -> Tensor:
-        """Root mean square of each channel over each (graph, layer), masked, broadcast back to the entries:
-        x, mask [E, c] -> [E, c]."""
+    def layer_scales(self, x: Tensor, mask: Tensor, eps: float = 1e-12, by: str = "layer") -> Tensor:
+        """Root mean square of each channel over each (graph, layer) or, with ``by="space"``, each (graph,
+        neuron space), masked, broadcast back to the entries: x, mask [E, c] -> [E, c]."""
         m = mask.to(x.dtype)
-        if not self.uniform:
-            idx = self.entry_layer
-            size = int(self.graph.layer_size.numel())
+        if by not in ("layer", "space"):
+            raise ValueError(f"scales are taken per 'layer' or per 'space', not {by!r}")
+        if by == "space" or not self.uniform:
+            g = self.graph
+            idx = self.entry_layer if by == "layer" else g.node_space.index_select(0, g.entry_node)
+            size = int((g.layer_size if by == "layer" else g.space_size).numel())
             ms = scatter(x * x * m, idx, 0, dim_size=size, reduce="sum") / scatter(
                 m, idx, 0, dim_size=size, reduce="sum").clamp_min(1)
             return (ms.sqrt() + eps).index_select(0, idx)

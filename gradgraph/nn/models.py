@@ -38,6 +38,8 @@ class GradMetaNet(nn.Module):
         param_features: F > 0 if ``forward`` gets per-parameter features [P, F] (e.g. the weights).
         head_init: ``"gradient"`` or ``"fisher"`` starts the parameter head as that classical estimator (in
             running-scale units, see ``MomentTerms``); None (default) starts from a random combination.
+        norm_by: input normalization of (a, g) per ``"layer"`` (default) or per neuron ``"space"`` (see
+            ``scale_normalize``).
 
     Input sizes come from the graph: any architecture, any set size, one net. Equivariant to reordering
     the samples and to every neuron permutation of the graph's symmetry group. Cost: O(E f^2) per set layer,
@@ -47,7 +49,7 @@ class GradMetaNet(nn.Module):
     def __init__(self, hidden_channels: int = 64, num_layers: int = 4, out_level: str = "param",
                  out_channels: int = 1, set_layers: int | None = None, pools: tuple[str, ...] = SET_POOLS,
                  pe_dim: int = 16, bilinear_channels: int = 8, edge_messages: bool = False,
-                 param_features: int = 0, head_init: str | None = None) -> None:
+                 param_features: int = 0, head_init: str | None = None, norm_by: str = "layer") -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         f = hidden_channels
@@ -55,7 +57,7 @@ class GradMetaNet(nn.Module):
         if not 0 < k1 <= num_layers:
             raise ValueError(f"set_layers must be in 1..num_layers={num_layers}, got {k1}")
         self.out_level, self.out_channels = out_level, out_channels
-        self.encoder = EntryEncoder(f, pe_dim)
+        self.encoder = EntryEncoder(f, pe_dim, norm_by)
         self.set_blocks = nn.ModuleList(SetBlock(f, pools) for _ in range(k1))
         self.pool = SetPooling(f, f)
         self.neuron_blocks = nn.ModuleList(NeuronBlock(f, edge_messages) for _ in range(num_layers - k1))
