@@ -129,6 +129,19 @@ def test_mixed_architectures_batch_and_unbatch():
         assert all(torch.equal(d[k], v) for k, v in gr.graph_to_params(t).items())
 
 
+def test_fast_construction_equals_pyg_construction():
+    """from_parts fills PyG's store directly; the result must be what the public constructor gives."""
+    from gradgraph.graph.gradient_graph import GradientGraph
+
+    _, g = _graph("gpt")
+    slow = GradientGraph(**{k: v for k, v in g._store.items()})
+    assert list(slow.keys()) == list(g.keys()) and slow.num_nodes == g.num_nodes == g.spec.num_nodes
+    for k in g.keys():
+        assert (torch.equal(g[k], slow[k]) if isinstance(g[k], torch.Tensor) else g[k] == slow[k]), k
+    batch = next(iter(DataLoader([g, slow], batch_size=2)))
+    assert batch.num_nodes == 2 * g.num_nodes and batch.entry_node.max() == 2 * g.num_nodes - 1
+
+
 def test_set_size_checks():
     c, a = _graph("mlp", 0)
     b = gradgraph.capture(c.model, c.inputs[:2], c.targets[:2], c.loss_fn)

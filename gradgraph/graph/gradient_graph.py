@@ -65,11 +65,16 @@ class GradientGraph(Data):
     @classmethod
     def from_parts(cls, spec: GraphSpec, entry_x: Tensor, entry_mask: Tensor, entry_node: Tensor,
                    entry_elem: Tensor) -> "GradientGraph":
-        t = _structure_tensors(spec, entry_x.device)
-        return cls(entry_x=entry_x, entry_mask=entry_mask, entry_node=entry_node, entry_elem=entry_elem,
-                   spec=spec, num_nodes=spec.num_nodes, num_samples=spec.num_samples,
-                   num_elements=spec.num_elements, num_groups=len(spec.groups), num_layers=len(spec.layers),
-                   num_ops=len(spec.ops), num_spaces=len(spec.spaces), num_params=spec.num_params, **t)
+        attrs = dict(entry_x=entry_x, entry_mask=entry_mask, entry_node=entry_node, entry_elem=entry_elem,
+                     spec=spec, num_nodes=spec.num_nodes, num_samples=spec.num_samples,
+                     num_elements=spec.num_elements, num_groups=len(spec.groups), num_layers=len(spec.layers),
+                     num_ops=len(spec.ops), num_spaces=len(spec.spaces), num_params=spec.num_params,
+                     **_structure_tensors(spec, entry_x.device))
+        graph = cls()
+        # every attribute is a tensor or an int gradgraph built itself: filling the store at once skips PyG's
+        # per-attribute setattr checks (~165 us for these 33 attributes, a third of a small model's capture)
+        graph._store._mapping.update(attrs)
+        return graph
 
     def __inc__(self, key, value, *args, **kwargs):
         if key in _INC:
