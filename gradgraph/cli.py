@@ -60,12 +60,15 @@ def cmd_train_curvature(args) -> int:
     from .tasks.curvature import CurvatureConfig, train_curvature
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
+    device = args.device
     if distributed:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     cfg = CurvatureConfig(model=args.model, train_size=args.train_size, seed=args.seed, epochs=args.epochs,
                           patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                           num_models=args.num_models, num_points=args.num_points, out_dir=args.out_dir,
-                          device=args.device)
+                          device=device)
     try:
         metrics = train_curvature(cfg, progress=not args.quiet)
     finally:

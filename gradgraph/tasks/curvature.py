@@ -218,7 +218,7 @@ def train_curvature(cfg: CurvatureConfig, dataset: SirenFisher | None = None, pr
     ckpt_path = run_dir / "checkpoint.pt"
     resumed = False
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)  # resumable on another device
         if ckpt["identity"] == cfg.identity():
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -234,9 +234,11 @@ def train_curvature(cfg: CurvatureConfig, dataset: SirenFisher | None = None, pr
 
         calibrate_scales(model.net, shares())
         model.net.eval()  # the frozen scales make eval and train agree; eval for the fit
-        model.fit(_batches(ds, calib, cfg.batch_size), mu, sigma)
+        model.fit((b.to(cfg.device) for b in _batches(ds, calib, cfg.batch_size)), mu, sigma)
         model.train()
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    dev = torch.device(cfg.device)
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+           if world > 1 else model)
     bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{cfg.model} n={cfg.train_size} s={cfg.seed}",
                unit="epoch", disable=not progress or rank != 0, initial=state["epoch"], total=cfg.epochs)
     epochs_this_call = 0
