@@ -101,13 +101,24 @@ def _mean_std(xs) -> tuple[float, float]:
     return mean, std
 
 
+def _devices(results: dict) -> str:
+    """Where the runs trained (a run's device is not part of its identity, so runs of one grid may differ)."""
+    count: dict[str, int] = {}
+    for (model, _), runs in results.items():
+        for r in runs if model != "standard" else ():
+            dev = r["config"].get("device", "cpu")
+            count[dev] = count.get(dev, 0) + 1
+    return "Runs by training device: " + ", ".join(f"{d} {k}" for d, k in sorted(count.items())) + "." if count else ""
+
+
 def report(results: dict, g: dict, seconds: float) -> str:
     sizes = [n for n in g["sizes"] if any((m, n) in results for m in g["models"])]
     lines = [f"Curvature estimation (SIREN Fisher diagonal): test MSE in z units, mean +- std over seeds "
              f"{list(g['seeds'])}; in brackets the improvement over the standard estimator "
              f"(1 - err / err_standard). {g['num_models']} models, up to {g['epochs']} epochs"
              + (f", early stopping after {g['patience']} epochs without improvement" if g.get("patience") else "")
-             + ".", "", f"Machine: {machine_description()}. Wall time of this call: {seconds / 60:.1f} min.", "",
+             + ".", "", f"Table written on: {machine_description()}. Wall time of this call: {seconds / 60:.1f} min. "
+             + _devices(results), "",
              "| model | params | " + " | ".join(f"n={n}" for n in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
     std_row = []
@@ -137,17 +148,25 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_imp) = plt.subplots(1, 2, figsize=(12, 4.5))
     models = sorted({m for m, _ in results if m != "standard"}, key=lambda m: MODELS.index(m))
     for model in models:
-        pts = sorted((n, _mean_std(r["test_mse"] for r in runs)) for (m, n), runs in results.items() if m == model)
-        if pts:
-            ax.errorbar([n for n, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts], marker="o",
-                        capsize=3, label=model)
+        for axis, key, scale in ((ax, "test_mse", 1), (ax_imp, "improvement_mse", 100)):
+            pts = sorted((n, _mean_std(scale * r[key] for r in runs))
+                         for (m, n), runs in results.items() if m == model)
+            if pts:
+                axis.errorbar([n for n, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
+                              marker="o", capsize=3, label=model)
+    ax_imp.axhline(0, color="k", ls="--", label="standard estimator")
+    ax_imp.set_xscale("log")
+    ax_imp.set_ylim(-40, 40)  # the baselines far below the standard estimator fall off the bottom
+    ax_imp.set_xlabel("training models")
+    ax_imp.set_ylabel("improvement over the standard estimator (%)")
+    ax_imp.set_title("1 - err / err_standard (higher is better)")
     std = sorted((n, _mean_std(r["standard_test_mse"] for r in runs.values()))
                  for (m, n), runs in results.items() if m == "standard")
-    if std:
-        ax.axhline(sum(v[0] for _, v in std) / len(std), color="k", ls="--", label="standard estimator")
+    if std:  # per training size: the z units depend on the training targets' mean and std
+        ax.plot([n for n, _ in std], [v[0] for _, v in std], "k--", marker="x", label="standard estimator")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training models")
