@@ -176,7 +176,8 @@ def run(args) -> int:
             te = _slope([r[1] for r in rows], [r[3][m] for r in rows])
             tp = _slope([r[2] * r[0].set_size for r in rows], [r[3][m] for r in rows])
             fits.append(f"{m}: time ~ E^{te:.2f}, ~ (P b)^{tp:.2f}" if te is not None and tp is not None else m)
-        lines += ["", "Fitted scaling over this sweep: " + "; ".join(fits) + ".", ""]
+        lines += ["", "Fitted scaling over this sweep: " + "; ".join(fits) + "." if len(rows) > 1
+                  else "(one setting: no scaling fit)", ""]
     lines.append(f"Wall time of this benchmark: {(time.perf_counter() - t_start) / 60:.1f} min. "
                  f"Reproduce: `gradgraph bench metanet`.")
     table = "\n".join(lines)
