@@ -67,10 +67,15 @@ def test_cli_train_and_bench(tmp_path, monkeypatch, capsys):
     assert main(["train", "curvature", "--train-size", "5", "--epochs", "1", "--num-models", "45",
                  "--num-points", "8", "--out-dir", str(tmp_path / "runs"), "--quiet"]) == 0
     assert '"test_mse"' in capsys.readouterr().out
-    assert main(["bench", "curvature", "--preset", "tiny", "--out-dir", str(tmp_path / "runs"), "--results",
-                 str(tmp_path / "results"), "--quiet"]) == 0
+    bench = ["bench", "curvature", "--preset", "tiny", "--out-dir", str(tmp_path / "runs"), "--results",
+             str(tmp_path / "results"), "--quiet"]
+    assert main(bench + ["--shard", "1/2"]) == 0  # the second of the preset's two runs
+    first = (tmp_path / "results" / "curvature_tiny.md").read_text()
+    assert "| gmn-average |" in first and "| gradmetanet | - |" in first and "cpu 1." in first
+    assert main(bench + ["--shard", "0/2"]) == 0
     table = (tmp_path / "results" / "curvature_tiny.md").read_text()
-    assert "standard estimator" in table and "gradmetanet" in table and "n=5" in table
+    assert "standard estimator" in table and "n=5" in table and "cpu 2." in table
+    assert "| gradmetanet | - |" not in table
     assert (tmp_path / "results" / "curvature_tiny.png").stat().st_size > 5000
 
 

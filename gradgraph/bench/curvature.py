@@ -44,7 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--num-models", type=int, help="dataset size")
     p.add_argument("--out-dir", default="runs/curvature", help="run folders (default runs/curvature)")
     p.add_argument("--results", default="benchmarks/results", help="where the table and plot go")
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i (default 0/1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:k] (default cpu)")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i (default 0/1); start n "
+                   "processes with shards 0/n .. n-1/n to fill a machine or a GPU, then --report-only")
     p.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -61,7 +63,8 @@ def grid(args) -> dict:
 def run(args) -> int:
     g = grid(args)
     configs = [CurvatureConfig(model=m, train_size=n, seed=s, epochs=g["epochs"], patience=g["patience"],
-                               num_models=g["num_models"], num_points=g.get("num_points", 128), out_dir=args.out_dir)
+                               num_models=g["num_models"], num_points=g.get("num_points", 128), out_dir=args.out_dir,
+                               device=getattr(args, "device", "cpu"))
                for n in g["sizes"] for m in g["models"] for s in g["seeds"]]
     i, n = (int(x) for x in args.shard.split("/"))
     t0 = time.perf_counter()
@@ -89,6 +92,8 @@ def collect(configs) -> dict:
         if not path.exists():
             continue
         m = json.loads(path.read_text())
+        if m.get("config", {}).get("identity") != cfg.identity():
+            continue  # a run of the same name with other settings (epochs, dataset, ...): not this grid's
         results.setdefault((cfg.model, cfg.train_size), []).append(m)
         results.setdefault(("standard", cfg.train_size), {})[cfg.seed] = m
     return results
