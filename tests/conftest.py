@@ -2,10 +2,16 @@ import os
 import sys
 import warnings
 
-import pytest
-import torch
-from torch.func import functional_call, grad, vmap
+# One intra-op thread for the suite and the notebooks and subprocesses it starts: the tests run small ops, and
+# on a machine with other work, OpenMP threads that spin-wait for a descheduled partner made the suite 7x slower
+# (392 s against 54 s on 2 busy cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.func import functional_call, grad, vmap  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported first
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("MPLBACKEND", "Agg")
 # torch.func has no batching rule for CPU flash attention: a slow fallback, results are exact
