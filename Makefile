@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/gradgraph bench curvature --preset demo --out-dir runs/demo
+	$(VENV)/bin/gradgraph bench curvature --preset demo --out-dir runs/demo --results runs/demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check gradgraph tests benchmarks
