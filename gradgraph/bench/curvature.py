@@ -177,7 +177,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("training models")
     ax.set_ylabel("test MSE (z units)")
     ax.set_title("Fisher diagonal estimation from 128 gradients")
-    ax.legend(fontsize=8)
+    ax_imp.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="lower right")  # the empty corner
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
