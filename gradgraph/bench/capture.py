@@ -73,7 +73,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -87,7 +86,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
-from .measure import frozen_heap, release_freed_memory_to_os, step_peak, time_steps
+from .measure import frozen_heap, release_freed_memory_to_os, run_worker, step_peak, time_steps, worker_main
 
 DEFAULT_OUTPUT = "benchmarks/results/capture.md"
 PEERS = ("vmap", "opacus", "backpack")
@@ -354,18 +353,9 @@ def measure_peak(config: Config, engine: str, device: str = "cpu", seed: int = 0
         return Memory(*step_peak(lambda: step(x, y), device))
 
 
-def _worker_main(argv: list[str]) -> int:
-    """Subprocess entry: ``python -m gradgraph.bench.capture --worker JSON``; prints one JSON line."""
-    job = json.loads(argv[0])
-    release_freed_memory_to_os()
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    try:
-        mem = measure_peak(Config.from_json(job["config"]), job["engine"], job["device"], job["seed"])
-        print(json.dumps(dataclasses.asdict(mem)))
-    except Exception as e:  # noqa: BLE001 - reported in the table, never fatal for the whole benchmark
-        print(json.dumps({"peak": None, "method": "failed", "note": f"{type(e).__name__}: {e}"[:300]}))
-    return 0
+def _measure_job(job: dict) -> dict:
+    """A memory worker's job (see ``gradgraph.bench.measure.worker_main``)."""
+    return dataclasses.asdict(measure_peak(Config.from_json(job["config"]), job["engine"], job["device"], job["seed"]))
 
 
 def peak_memory(config: Config, engine: str, device: str, mode: str, seed: int = 0) -> Memory:
@@ -375,13 +365,7 @@ def peak_memory(config: Config, engine: str, device: str, mode: str, seed: int =
         return measure_peak(config, engine, device, seed)
     job = {"config": config.to_json(), "engine": engine, "device": device, "seed": seed,
            "threads": torch.get_num_threads()}
-    proc = subprocess.run([sys.executable, "-m", "gradgraph.bench.capture", "--worker", json.dumps(job)],
-                          capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        return Memory(None, "failed", f"memory worker failed: {why}"[:300])
-    return Memory(**json.loads(lines[-1]))
+    return Memory(**run_worker("gradgraph.bench.capture", job))
 
 
 # -- the representation (graph bytes vs per-sample gradient bytes) -------------------------------------------
@@ -695,7 +679,7 @@ def run(args) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
+        sys.exit(worker_main(sys.argv[2:], _measure_job))
     parser = argparse.ArgumentParser(prog="python -m gradgraph.bench.capture", description=__doc__.splitlines()[0])
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -110,7 +110,9 @@ def _devices(results: dict) -> str:
     """Where the runs trained (a run's device is not part of its identity, so runs of one grid may differ)."""
     count: dict[str, int] = {}
     for (model, _), runs in results.items():
-        for r in runs if model != "standard" else ():
+        if model == "standard":  # the same runs again, by seed
+            continue
+        for r in runs:
             dev = r["config"].get("device", "cpu")
             count[dev] = count.get(dev, 0) + 1
     return "Runs by training device: " + ", ".join(f"{d} {k}" for d, k in sorted(count.items())) + "." if count else ""

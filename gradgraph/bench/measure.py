@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -126,3 +128,36 @@ def step_peak(step: Callable[[], object], device: str = "cpu") -> tuple[int | No
     peak = maxrss_bytes() - before
     del result
     return peak, "ru_maxrss", "lower bound (ru_maxrss cannot be reset)"
+
+
+# -- one measurement per fresh process (CPU): nothing an earlier measurement allocated is still mapped ----------
+def _failed(note: str) -> dict:
+    return {"peak": None, "method": "failed", "note": note[:300]}
+
+
+def worker_main(argv: list[str], measure: Callable[[dict], dict]) -> int:
+    """Entry of ``python -m <benchmark module> --worker JSON``: set the process up like every measurement
+    (freed memory back to the OS, the parent's thread count), run ``measure(job)`` and print its result as one
+    JSON line (a failure is reported in that line, never raised: the benchmark tables show it)."""
+    job = json.loads(argv[0])
+    release_freed_memory_to_os()
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    try:
+        result = measure(job)
+    except Exception as e:  # noqa: BLE001
+        result = _failed(f"{type(e).__name__}: {e}")
+    print(json.dumps(result))
+    return 0
+
+
+def run_worker(module: str, job: dict) -> dict:
+    """Run ``job`` in ``python -m module --worker JSON`` (see :func:`worker_main`) and return its JSON result,
+    ``{"peak": None, "method": "failed", "note": ...}`` if the process died."""
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)],
+                          capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return _failed(f"memory worker failed: {why}")
+    return json.loads(lines[-1])

@@ -13,11 +13,10 @@ them, O(P b)); GradMetaNet works on the (a, g) entries, O(E f^2), and never buil
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from ..io import atomic_write_text
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..nn.baselines import WeightSpaceGMN
 from . import machine_description
-from .measure import frozen_heap, release_freed_memory_to_os, step_peak, time_steps
+from .measure import frozen_heap, run_worker, step_peak, time_steps, worker_main
 
 MODELS = ("gradmetanet", "gradmetanet++", "gmn-concat")
 
@@ -82,12 +81,9 @@ def measure_peak(setting: Setting, name: str, hidden: int, device: str) -> int |
     return step_peak(step, device)[0]
 
 
-def _worker_main(argv: list[str]) -> int:
-    job = json.loads(argv[0])
-    release_freed_memory_to_os()
-    torch.set_num_threads(job["threads"])
-    print(json.dumps({"peak": measure_peak(Setting(**job["setting"]), job["model"], job["hidden"], job["device"])}))
-    return 0
+def _measure_job(job: dict) -> dict:
+    """A memory worker's job (see ``gradgraph.bench.measure.worker_main``)."""
+    return {"peak": measure_peak(Setting(**job["setting"]), job["model"], job["hidden"], job["device"])}
 
 
 def peak_memory(setting: Setting, name: str, hidden: int, device: str, mode: str) -> int | None:
@@ -97,10 +93,7 @@ def peak_memory(setting: Setting, name: str, hidden: int, device: str, mode: str
         return measure_peak(setting, name, hidden, device)
     job = {"setting": dataclasses.asdict(setting), "model": name, "hidden": hidden, "device": device,
            "threads": torch.get_num_threads()}
-    proc = subprocess.run([sys.executable, "-m", "gradgraph.bench.metanet", "--worker", json.dumps(job)],
-                          capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1])["peak"] if lines else None
+    return run_worker("gradgraph.bench.metanet", job)["peak"]
 
 
 def sweeps(args) -> dict[str, list[Setting]]:
@@ -126,13 +119,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke grid")
     p.add_argument("--output", default="benchmarks/results/metanet.md")
-    p.add_argument("--worker", help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+    p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:
@@ -190,4 +177,4 @@ def run(args) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         with frozen_heap():
-            sys.exit(_worker_main(sys.argv[2:]))
+            sys.exit(worker_main(sys.argv[2:], _measure_job))

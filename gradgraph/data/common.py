@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_save, atomic_write_text  # noqa: F401 (re-exported for the datasets)
-
 
 def default_root(name: str) -> str:
     """``$GRADGRAPH_DATASETS/<name>``, or ``datasets/<name>`` under the working directory."""

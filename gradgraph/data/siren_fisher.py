@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from ..capture import capture
 from ..graph.gradient_graph import GradientGraph
+from ..io import atomic_save, atomic_write_text
 from ..models import SIREN
-from .common import UniformBatcher, atomic_save, atomic_write_text, config_tag, default_root, item_seed, seeded
+from .common import UniformBatcher, config_tag, default_root, item_seed, seeded
 
 SPLITS = {"test": 500, "val": 500}
 

@@ -12,13 +12,6 @@ from .encoding import RunningScale, raw_monomials
 from .layout import BatchLayout, StructureGroup, aligned_blocks
 
 
-def _zero(lin: nn.Linear) -> None:
-    with torch.no_grad():
-        lin.weight.zero_()
-        if lin.bias is not None:
-            lin.bias.zero_()
-
-
 def mlp(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_channels, hidden), nn.GELU(), nn.Linear(hidden, out_channels))
 
@@ -141,6 +134,20 @@ class MomentTerms(nn.Module):
         return weights, biases
 
 
+def _moment_terms(entry_channels: int | None, channels: int, out_channels: int, init: str | None,
+                  *pairwise_outputs: nn.Linear) -> MomentTerms | None:
+    """A head's ``MomentTerms`` (None without entry embeddings or with 0 channels). With them, the head's own
+    pairwise output layers start at zero: the head starts from the moment terms and learns a correction."""
+    if entry_channels is None or channels <= 0:
+        return None
+    with torch.no_grad():
+        for lin in pairwise_outputs:
+            lin.weight.zero_()
+            if lin.bias is not None:
+                lin.bias.zero_()
+    return MomentTerms(entry_channels, channels, out_channels, init)
+
+
 class ParamHead(nn.Module):
     """Parameter-level head: for a weight between in-neuron i and out-neuron j (kernel offset k),
 
@@ -169,12 +176,8 @@ class ParamHead(nn.Module):
         self.bias_node = nn.Linear(node_channels, hidden)
         self.bias_out = nn.Linear(hidden, out_channels)
         self.param_lin = nn.Linear(param_features, hidden, bias=False) if param_features else None
-        use_moments = entry_channels is not None and bilinear_channels > 0
-        self.moments = (MomentTerms(entry_channels, bilinear_channels, out_channels, moment_init)
-                        if use_moments else None)
-        if use_moments:  # start from the moment terms; the pairwise MLP learns a correction from zero
-            _zero(self.out)
-            _zero(self.bias_out)
+        self.moments = _moment_terms(entry_channels, bilinear_channels, out_channels, moment_init,
+                                     self.out, self.bias_out)
 
     def forward(self, u: Tensor, layout: BatchLayout, h: Tensor | None = None,
                 param_features: Tensor | None = None) -> Tensor:
@@ -229,11 +232,7 @@ class PairwiseSetHead(nn.Module):
         self.out = nn.Linear(hidden, out_channels)
         self.bias_in = nn.Linear(channels, hidden)
         self.bias_out = nn.Linear(hidden, out_channels)
-        self.moments = (MomentTerms(channels, bilinear_channels, out_channels, moment_init)
-                        if bilinear_channels > 0 else None)
-        if self.moments is not None:  # start from the moment terms, as ParamHead does
-            _zero(self.out)
-            _zero(self.bias_out)
+        self.moments = _moment_terms(channels, bilinear_channels, out_channels, moment_init, self.out, self.bias_out)
 
     def _pairs(self, group, op, xo: Tensor, xi: Tensor) -> Tensor:
         X_out, X_in, b = aligned_blocks(group, op, xo, xi)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -123,15 +123,6 @@ class CurvatureConfig:
         for k in ("out_dir", "device", "threads", "dataset_root"):
             d.pop(k)
         return d
-
-
-@dataclass
-class Split:
-    """A split's graphs and its z-scored targets and standard-estimator values (concatenated theta order)."""
-
-    indices: list[int]
-    y: torch.Tensor = field(repr=False)
-    std_est: torch.Tensor = field(repr=False)
 
 
 def _world() -> tuple[int, int]:
