@@ -29,3 +29,7 @@ class SetSizeMismatchError(GradGraphError, ValueError):
 
 class StructureMismatchError(GradGraphError, ValueError):
     """A symmetry, a parameter dict or a metanetwork output does not match the graph or model it is applied to."""
+
+
+class UnknownNameError(GradGraphError, ValueError):
+    """A name (model, metanetwork, task, benchmark, engine) that no registry holds."""
