@@ -33,3 +33,7 @@ class StructureMismatchError(GradGraphError, ValueError):
 
 class UnknownNameError(GradGraphError, ValueError):
     """A name (model, metanetwork, task, benchmark, engine) that no registry holds."""
+
+
+class FileFormatError(GradGraphError, ValueError):
+    """A stored file (dataset, checkpoint, graph) is of another kind or format version, or is corrupted."""

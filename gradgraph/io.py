@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import uuid
 from pathlib import Path
 
 import torch
+
+from .errors import FileFormatError
 
 
 @contextlib.contextmanager
@@ -36,3 +39,33 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     """Write ``text`` to ``path`` the same way."""
     with _replaced_atomically(path) as tmp:
         Path(tmp).write_text(text)
+
+
+FORMAT_VERSION = 1  # of every file gradgraph writes with save_file; bump when a payload's layout changes
+
+
+def save_file(payload: dict, path: str | Path, kind: str) -> None:
+    """Write ``payload`` (plain tensors, numbers, strings, lists and dicts only: no gradgraph classes, so a file
+    survives renaming or moving a class) atomically, tagged with its kind (``"dataset"``, ``"checkpoint"``,
+    ``"graph"``, ...) and :data:`FORMAT_VERSION`. Read it back with :func:`load_file`."""
+    atomic_save({"format": f"gradgraph.{kind}", "version": FORMAT_VERSION, "payload": payload}, path)
+
+
+def load_file(path: str | Path, kind: str, map_location=None, remedy: str = "delete it and regenerate it") -> dict:
+    """The payload of a file written by :func:`save_file`, loaded with ``torch.load(weights_only=True)`` (no
+    code runs while loading). A file of another kind, another format version or an older, pickled format
+    raises :class:`~gradgraph.errors.FileFormatError` naming the file and ``remedy``."""
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise FileFormatError(f"{path} is not a gradgraph {kind} file of format {FORMAT_VERSION} (it may have been "
+                              f"written by an older gradgraph, which pickled its classes): {remedy}. "
+                              f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+    if not isinstance(data, dict) or data.get("format") != f"gradgraph.{kind}" or "payload" not in data:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise FileFormatError(f"{path} is not a gradgraph {kind} file (found {found!r}): {remedy}")
+    if data.get("version") != FORMAT_VERSION:
+        raise FileFormatError(f"{path} has format version {data.get('version')}, this gradgraph reads version "
+                              f"{FORMAT_VERSION}: {remedy}")
+    return data["payload"]
