@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .layout import BatchLayout
@@ -79,7 +80,11 @@ class RunningScale(nn.Module):
     scales, which can be 1e6 or more, to O(1). As with BatchNorm, a training-mode output depends on the
     other graphs of the batch; evaluation and equivariance checks use ``eval()``. ``calibrate_scales``
     computes the statistics once from training data and freezes them (recommended: heavy-tailed gradient
-    statistics make a running estimate noisy)."""
+    statistics make a running estimate noisy).
+
+    Under torch.distributed the statistics are local to each process: nothing is synchronized inside
+    ``forward``. Calibrate every rank on the same batches (identical statistics, no communication), or call
+    :func:`sync_scales` explicitly after calibrating each rank on its own shard."""
 
     def __init__(self, num_features: int, momentum: float = 0.01, warmup: int = 100, eps: float = 1e-12) -> None:
         super().__init__()
@@ -108,12 +113,9 @@ class RunningScale(nn.Module):
         return (self.mean_square.to(like.dtype) + self.eps).sqrt()
 
     def _batch_mean_square(self, x: Tensor) -> Tensor:
-        """Mean square per column over the batch, over all ranks under torch.distributed (as SyncBatchNorm)."""
-        import torch.distributed as dist
-
+        """Mean square per column over this batch (this process only: no collective runs inside forward, so
+        ranks that run different numbers of forwards cannot deadlock; see :func:`sync_scales`)."""
         sums = torch.cat([x.pow(2).sum(0), x.new_tensor([x.shape[0]])]).to(self.mean_square.dtype)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
         return sums[:-1] / sums[-1].clamp_min(1)
 
 
@@ -140,3 +142,19 @@ def calibrate_scales(model: nn.Module, batches) -> int:
         m.frozen.fill_(True)
     model.train(was_training)
     return n
+
+
+@torch.no_grad()
+def sync_scales(model: nn.Module) -> int:
+    """Average the statistics of every ``RunningScale`` in ``model`` over the torch.distributed ranks (an
+    explicit collective: every rank must call it, once). Returns the number of scales synchronized (0 without
+    a process group)."""
+    scales = [m for m in model.modules() if isinstance(m, RunningScale)]
+    if not scales or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    flat = torch.cat([m.mean_square.reshape(-1) for m in scales]).double()
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for m, part in zip(scales, flat.split([m.mean_square.numel() for m in scales])):
+        m.mean_square.copy_(part.view_as(m.mean_square))
+    return len(scales)

@@ -1,0 +1,49 @@
+"""The config dataclasses of the built-in tasks. No torch here: ``gradgraph train <task> --help`` reads these
+classes without loading torch. Each config names its Task class in ``task`` (loaded when a run starts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..train.config import TrainConfig, option
+
+__all__ = ["CurvatureConfig", "CURVATURE_MODELS"]
+
+# curvature model name -> (registered metanetwork, hyperparameters): about 15K parameters each where the input
+# layout allows. GradMetaNet and GradMetaNet++ start from the standard estimator (head_init="fisher": their
+# parameter head's moment terms begin as the empirical Fisher diagonal of the set) and learn corrections;
+# gradmetanet-plain is the ablation without moment terms (the paper's pairwise head only).
+CURVATURE_MODELS: dict[str, tuple[str, dict]] = {
+    "gradmetanet": ("gradmetanet", dict(hidden_channels=26, num_layers=3, set_layers=2, out_level="param",
+                                        bilinear_channels=8, head_init="fisher")),
+    "gradmetanet++": ("gradmetanet++", dict(hidden_channels=20, num_layers=2, out_level="param", heads=1,
+                                            head_hidden=16, bilinear_channels=8, head_init="fisher")),
+    # input = every entry of the graph: its first layer alone exceeds 15K parameters
+    "mlp-concat": ("mlp-concat", dict(hidden_channels=8, num_layers=2, out_level="param")),
+    "neuron-asym": ("neuron-asym", dict(hidden_channels=12, num_layers=3, out_level="param")),
+    "batch-asym": ("batch-asym", dict(hidden_channels=16, num_layers=3, out_level="param")),
+    "gmn-average": ("gmn", dict(hidden_channels=22, num_layers=3, out_level="param", mode="average")),
+    "gmn-concat": ("gmn", dict(hidden_channels=20, num_layers=3, out_level="param", mode="concat")),
+    "gradmetanet-plain": ("gradmetanet", dict(hidden_channels=28, num_layers=3, set_layers=2, out_level="param",
+                                              bilinear_channels=0)),
+}
+
+
+@dataclass
+class CurvatureConfig(TrainConfig):
+    """Predict the Fisher diagonal of a SIREN from a set of its gradients (paper Sec. 5.1). The defaults are
+    the paper's protocol: 2,000 training models, Adam lr 1e-3, batch 32, 100 epochs, best-validation weights."""
+
+    model: str = option("gradmetanet", "the metanetwork or baseline", choices=list(CURVATURE_MODELS))
+    train_size: int = option(2000, "training models (the first N of the training pool)")
+    num_models: int = option(3000, "dataset size (500 test, 500 validation, the rest the training pool)")
+    num_points: int = option(128, "gradients per graph (the set size)")
+    data_seed: int = option(0, "seed of the generated dataset")
+    dataset_root: str | None = option(None, "dataset folder (default $GRADGRAPH_DATASETS/siren_fisher or "
+                                      "datasets/siren_fisher)", identity=False)
+    out_dir: str = option("runs/curvature", "parent folder of the run folder", identity=False)
+
+    task: ClassVar[str] = "gradgraph.tasks.curvature:CurvatureTask"
+
+    def run_name(self) -> str:
+        return f"{self.model}-n{self.train_size}-s{self.seed}"
