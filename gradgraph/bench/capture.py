@@ -141,6 +141,7 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# -- agreement -----------------------------------------------------------------------------------------------
 def max_rel_diff(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
     """max |got - want| over all tensors, relative to max |want| (some gradients are analytically zero)."""
     if set(got) != set(want):
@@ -166,7 +167,6 @@ def agreement(config: Config, engines: list[str], device: str, samples: int = 4,
         except Exception as err:  # noqa: BLE001 - reported in the table, the engine is then skipped
             out[e] = f"{type(err).__name__}: {err}"[:300]
     return out
-
 
 
 # -- peak memory ---------------------------------------------------------------------------------------------
