@@ -1,5 +1,6 @@
-"""gradgraph.bench.capture on tiny sizes: every engine computes the gradients the graph holds, the tables have
-their columns, the memory measurement sees a step's allocations, the command runs. No timing assertions."""
+"""gradgraph.bench.capture, its engines (bench.engines) and its report (bench.capture_report) on tiny sizes:
+every engine computes the gradients the graph holds, the tables have their columns, the memory measurement
+sees a step's allocations, the command runs. No timing assertions."""
 import copy
 import importlib.util
 import sys
@@ -11,7 +12,10 @@ from conftest import assert_tensors_close
 
 import gradgraph
 from gradgraph.bench import capture as bench
+from gradgraph.bench import capture_report, engines
+from gradgraph.bench.engines import ENGINES, PEERS, engine_grads, prepare, quiet
 from gradgraph.cli import main
+from gradgraph.errors import UnknownNameError
 
 CONFIGS = {
     "mlp": bench.Config("mlp", 3, width=5, depth=2),
@@ -20,15 +24,15 @@ CONFIGS = {
 }
 
 
-SUPPORTED = [(f, e) for f in sorted(CONFIGS) for e in bench.ENGINES if (f, e) != ("gpt", "backpack")]
+SUPPORTED = [(f, e) for f in sorted(CONFIGS) for e in ENGINES if (f, e) != ("gpt", "backpack")]
 
 
 def test_unsupported_engine_is_reported_with_its_reason():
     """BackPACK has no LayerNorm extension: the benchmark reports that instead of running it on the GPT."""
     model = CONFIGS["gpt"].build(dtype=torch.float64)[0]
-    reason = bench.ENGINES["backpack"].unsupported(model)
+    reason = ENGINES.get("backpack").unsupported(model)
     assert reason is not None and "LayerNorm" in reason
-    assert all(bench.ENGINES[e].unsupported(CONFIGS[f].build(dtype=torch.float64)[0]) is None for f, e in SUPPORTED)
+    assert all(ENGINES.get(e).unsupported(CONFIGS[f].build(dtype=torch.float64)[0]) is None for f, e in SUPPORTED)
 
 
 @pytest.mark.parametrize("family,engine", SUPPORTED)
@@ -38,7 +42,7 @@ def test_every_engine_returns_the_graphs_gradients(family, engine):
     model, x, y, loss_fn = CONFIGS[family].build(dtype=torch.float64)
     graph = gradgraph.capture(model, x, y, loss_fn)
     want = graph.grads() if engine == "plain" else graph.per_sample_grads()
-    got = bench.engine_grads(engine, model, x, y, loss_fn)
+    got = engine_grads(engine, model, x, y, loss_fn)
     assert_tensors_close(got, want)
     assert all(p.grad is None for p in model.parameters())  # engines work on their own copy of the model
 
@@ -49,8 +53,8 @@ def test_steps_leave_no_state_behind():
     model, x, y, loss_fn = CONFIGS["mlp"].build()
     for engine in ("plain", "opacus", "backpack"):
         inner = copy.deepcopy(model)
-        step = bench.ENGINES[engine].prepare(inner, loss_fn)
-        with bench._quiet():
+        step = ENGINES.get(engine).prepare(inner, loss_fn)
+        with quiet():
             result = step(x, y)
         assert set(result) == {n for n, _ in model.named_parameters()}
         for p in inner.parameters():
@@ -58,22 +62,44 @@ def test_steps_leave_no_state_behind():
             assert getattr(p, "grad_batch", None) is None
 
 
+def test_engines_are_a_registry_in_the_report_order():
+    assert ENGINES.names() == ["plain", "gradgraph", "vmap", "opacus", "backpack"]
+    assert PEERS == ("vmap", "opacus", "backpack")
+    assert ENGINES.help("vmap") == "torch.func vmap(grad)"
+    with pytest.raises(UnknownNameError, match="unknown capture engine 'jax'"):
+        ENGINES.get("jax")
+
+
+def test_vmap_engine_builds_the_oracle_once_per_batch(monkeypatch):
+    """The timed vmap step reuses the function gradgraph.oracle built on the first (warm-up) step."""
+    built = []
+    real = engines.make_per_sample_grads
+    monkeypatch.setattr(engines, "make_per_sample_grads", lambda *a, **k: built.append(a) or real(*a, **k))
+    model, x, y, loss_fn = CONFIGS["mlp"].build(dtype=torch.float64)
+    step = prepare("vmap", model, loss_fn)
+    first, second = step(x, y), step(x, y)
+    assert len(built) == 1
+    assert_tensors_close(second, first)
+    step(x[:2], y[:2])  # another batch: built anew
+    assert len(built) == 2
+
+
 def test_agreement_reports_small_differences_and_the_graph_as_reference():
-    diff = bench.agreement(CONFIGS["cnn"], list(bench.ENGINES), "cpu")
-    assert set(diff) == set(bench.ENGINES)
+    diff = bench.agreement(CONFIGS["cnn"], list(ENGINES), "cpu")
+    assert set(diff) == set(ENGINES)
     assert diff["gradgraph"] == 0.0
     assert all(isinstance(v, float) and v < 1e-4 for v in diff.values())
 
 
 def _row(config, times_ms, peaks_mib, **kw):
-    row = bench.Row(config, 1000, repeats=3, **kw)
+    row = capture_report.Row(config, 1000, repeats=3, **kw)
     row.times = {e: [t / 1e3] * 3 for e, t in times_ms.items()}
-    row.memory = {e: bench.Memory(int(m * 2 ** 20), "test") for e, m in peaks_mib.items()}
+    row.memory = {e: capture_report.Memory(int(m * 2 ** 20), "test") for e, m in peaks_mib.items()}
     return row
 
 
 def test_report_has_every_figure_and_its_ratio_to_plain():
-    engines = list(bench.ENGINES)
+    engines = list(ENGINES)
     mlp = _row(bench.Config("mlp", 128, width=1024), {"plain": 10, "gradgraph": 12, "vmap": 100, "opacus": 80,
                                                       "backpack": 60},
                {"plain": 8, "gradgraph": 4, "vmap": 1000, "opacus": 1500, "backpack": 1100},
@@ -81,10 +107,10 @@ def test_report_has_every_figure_and_its_ratio_to_plain():
     gpt = _row(CONFIGS["gpt"], {"plain": 2, "gradgraph": 5, "vmap": 6, "opacus": 4},
                {"plain": 1, "gradgraph": 2, "vmap": 3, "opacus": 3},
                skipped={"backpack": "BackPACK 1.7.1 BatchGrad has no extension for LayerNorm"})
-    text = bench.report([mlp, gpt], engines, "test machine", "gradgraph bench capture --tiny")
+    text = capture_report.report([mlp, gpt], engines, "test machine", "gradgraph bench capture --tiny")
     lines = text.splitlines()
     assert "Machine: test machine  " in lines and any("gradgraph bench capture --tiny" in ln for ln in lines)
-    for columns in (bench.MAIN_COLUMNS, bench.TARGET_COLUMNS, bench.REPR_COLUMNS):
+    for columns in (capture_report.MAIN_COLUMNS, capture_report.TARGET_COLUMNS, capture_report.REPR_COLUMNS):
         assert "| " + " | ".join(columns) + " |" in lines
     main_rows = [ln for ln in lines if ln.startswith("| MLP 1024x2 | 128 | 1,000 |")]
     assert len(main_rows) == len(engines)
@@ -115,8 +141,8 @@ def test_cli_runs_a_tiny_grid(tmp_path, capsys):
     text = out.read_text()
     assert text == capsys.readouterr().out.split("written to")[0].rstrip("\n") + "\n"
     assert "Machine: " in text and "--tiny" in text
-    for engine in bench.ENGINES.values():
-        assert engine.title in text
+    for engine in ENGINES:
+        assert ENGINES.get(engine).title in text
     assert "| MLP 16x2 | 4 |" in text and "| CNN (reference) | 4 |" in text and "| GPT (reference) | 2 |" in text
 
 

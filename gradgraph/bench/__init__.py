@@ -1,42 +1,46 @@
 """Side-by-side measurements (``gradgraph bench NAME``). Each benchmark module defines
 ``add_arguments(parser)`` and ``run(args) -> int`` and writes a markdown table with the machine description.
-Benchmarks measure; they never assert timings (tests only check their code paths on tiny sizes)."""
+Benchmarks measure; they never assert timings (tests only check their code paths on tiny sizes).
+
+:data:`BENCHMARKS` lists them without importing them (this module imports neither torch nor a benchmark, so
+that ``gradgraph --help`` stays fast): ``BENCHMARKS.names()``, ``BENCHMARKS.help(name)`` and
+``BENCHMARKS.get(name)``, which imports and returns the benchmark's module.
+"""
 from __future__ import annotations
 
 import importlib
-import os
-import platform
 
-import torch
+from ..registry import Registry
 
-BENCHMARKS: dict[str, str] = {
-    "capture": "gradgraph.bench.capture",
-    "curvature": "gradgraph.bench.curvature",
-    "metanet": "gradgraph.bench.metanet",
-}
+__all__ = ["BENCHMARKS", "add_bench_parsers"]
+
+# Lazy entries "gradgraph.bench:NAME": the module-level __getattr__ below imports the submodule on first use.
+# The help text is the first line of the module's docstring (a test keeps the two equal).
+BENCHMARKS = Registry("benchmark")
+BENCHMARKS.register("capture", "gradgraph.bench:capture",
+                    help="Capture speed and memory, side by side with the per-sample-gradient libraries.")
+BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
+                    help="Curvature estimation: every model over training-set sizes and seeds, against the standard "
+                         "estimator.")
+BENCHMARKS.register("metanet", "gradgraph.bench:metanet",
+                    help="Metanetwork cost: GradMetaNet (and GradMetaNet++) against the weight-space baseline on "
+                         "per-sample gradients.")
+
+
+def __getattr__(name: str):
+    """``gradgraph.bench.<benchmark>`` imports that benchmark's module on first access (PEP 562)."""
+    if name in BENCHMARKS:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_bench_parsers(subparsers) -> None:
+    """The ``bench NAME`` subcommands, one per benchmark. This imports every benchmark module (to add its
+    options); a lazy CLI builds only the chosen one from ``BENCHMARKS``."""
     bench = subparsers.add_parser("bench", help="run a benchmark and write its markdown table")
     sub = bench.add_subparsers(dest="benchmark", required=True)
-    for name, module in BENCHMARKS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
-        mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
-
-
-def machine_description(device: str = "cpu") -> str:
-    """One line naming the machine the numbers come from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    line = (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
-    if device.startswith("cuda") and torch.cuda.is_available():
-        line += f", GPU {torch.cuda.get_device_name(0)}"
-    return line
+    for name in BENCHMARKS.names():
+        module = BENCHMARKS.get(name)
+        p = sub.add_parser(name, help=BENCHMARKS.help(name))
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)

@@ -1,17 +1,11 @@
 """Capture speed and memory, side by side with the per-sample-gradient libraries.
 
 For every configuration (a model and a batch) five engines do one training-step's worth of gradient work on
-the same weights and data; each is timed and its peak memory measured:
-
-==========  ======================================================================================================
-plain       forward + backward of the summed per-sample loss (fills ``.grad``): the cost every ratio is relative to
-gradgraph   :func:`gradgraph.capture` to a :class:`~gradgraph.GradientGraph` (per neuron and set element ``a``
-            and ``g``; no weight-gradient products, ``.grad`` untouched)
-vmap        ``torch.func`` ``vmap(grad(single-sample loss))``: per-sample gradients ``{name: [b, *shape]}``
-opacus      Opacus ``GradSampleModule(loss_reduction="sum")``: forward + backward, ``p.grad_sample`` (and ``.grad``)
-backpack    BackPACK ``BatchGrad``: forward + backward inside ``backpack(BatchGrad())``, ``p.grad_batch`` (and
-            ``.grad``); skipped, with the reason, for models with a parameterized module it has no extension for
-==========  ======================================================================================================
+the same weights and data; each is timed and its peak memory measured: ``plain`` (forward + backward, the
+cost every ratio is relative to), ``gradgraph`` (:func:`gradgraph.capture`), and the per-sample-gradient
+peers ``vmap`` (torch.func, :mod:`gradgraph.oracle`), ``opacus`` and ``backpack``; see
+:mod:`gradgraph.bench.engines` for what each computes. The report's tables are made in
+:mod:`gradgraph.bench.capture_report`.
 
 All engines compute the same thing: before timing, every engine runs on the first few samples of the batch
 and its per-sample gradients are compared with ``graph.per_sample_grads()`` (the plain engine's ``.grad``
@@ -64,48 +58,36 @@ runs a seconds-long smoke grid. The table goes to ``benchmarks/results/capture.m
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import dataclasses
-import importlib.metadata
-import itertools
 import json
 import os
 import shlex
-import statistics
 import sys
-import warnings
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import gradgraph
+
 from ..io import atomic_write_text
-from .measure import frozen_heap, release_freed_memory_to_os, run_worker, step_peak, time_steps, worker_main
+from ..models import CNN, GPT, MLP
+from .capture_report import Memory, Row, report
+from .engines import ENGINES, engine_grads, prepare, quiet
+from .measure import (
+    frozen_heap,
+    machine_description,
+    release_freed_memory_to_os,
+    run_worker,
+    step_peak,
+    time_steps,
+    worker_main,
+)
 
 DEFAULT_OUTPUT = "benchmarks/results/capture.md"
-PEERS = ("vmap", "opacus", "backpack")
-_MIB = 2 ** 20
-
-# harmless warnings of the peers on these models (containers holding parameters, SDPA without a vmap rule)
-_QUIET = ("Extension saving to grad_batch does not have an extension for Module",
-          "There is a performance drop because we have not yet implemented the batching rule",
-          "Full backward hook is firing when gradients are computed with respect to module outputs",
-          "Using a non-full backward hook when the forward contains multiple autograd Nodes")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the peers' known, harmless warnings."""
-    with warnings.catch_warnings():
-        for msg in _QUIET:
-            warnings.filterwarnings("ignore", message=msg)
-        yield
 
 
 # -- configurations ------------------------------------------------------------------------------------------
@@ -130,8 +112,6 @@ class Config:
 
     def build(self, seed: int = 0, device: str = "cpu", dtype=torch.float32):
         """``(model, inputs, targets, loss_fn)``; the model is in training mode (Opacus records only then)."""
-        from ..models import CNN, GPT, MLP
-
         torch.manual_seed(seed)
         if self.family == "mlp":
             model = MLP(self.width, (self.width,) * self.depth, 10)
@@ -161,149 +141,7 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# -- engines -------------------------------------------------------------------------------------------------
-Step = Callable[[Tensor, Tensor], object]
-
-
-@dataclass(frozen=True)
-class Engine:
-    """``prepare(model, loss_fn) -> step``; ``step(x, y)`` does one step and returns its result (kept alive
-    while memory is measured); ``grads(result)`` reads ``{name: [b, *shape]}`` per-sample gradients from it
-    (the plain engine: the summed gradient ``{name: [*shape]}``). ``unsupported(model)`` gives the reason an
-    engine cannot handle a model, or None."""
-
-    name: str
-    title: str
-    prepare: Callable[[nn.Module, Callable], Step]
-    grads: Callable[[object], dict[str, Tensor]]
-    unsupported: Callable[[nn.Module], str | None] = lambda model: None
-    per_sample: bool = True  # computes per-sample gradients (a peer)
-
-
-def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _take(params, attr: str) -> dict[str, Tensor]:
-    """Move ``p.<attr>`` of every parameter into a dict (the step's result) and clear ``.grad`` too, so that
-    nothing of a step outlives its result: dropping the result frees it, and the next step starts from the
-    same state (this matters for the memory measurement, whose warm-up step must leave nothing behind)."""
-    out = {}
-    for n, p in params:
-        out[n] = getattr(p, attr)
-        p.grad = None
-        if attr != "grad":
-            setattr(p, attr, None)
-    return out
-
-
-def _prepare_plain(model, loss_fn) -> Step:
-    params = _trainable(model)
-
-    def step(x, y):
-        loss_fn(model(x), y).sum().backward()
-        return _take(params, "grad")
-    return step
-
-
-def _prepare_gradgraph(model, loss_fn) -> Step:
-    import gradgraph
-
-    return lambda x, y: gradgraph.capture(model, x, y, loss_fn)
-
-
-def _prepare_vmap(model, loss_fn) -> Step:
-    from torch.func import functional_call, grad, vmap
-
-    params = {n: p.detach() for n, p in _trainable(model)}
-    rest = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    rest.update(dict(model.named_buffers()))
-
-    def one(p, x, y):  # the loss of one sample: x [*in], y [*target]
-        out = functional_call(model, (p, rest), (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")
-    return lambda x, y: per_sample(params, x, y)
-
-
-def _prepare_opacus(model, loss_fn) -> Step:
-    from opacus import GradSampleModule
-
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    params = _trainable(model)
-
-    def step(x, y):
-        loss_fn(gsm(x), y).sum().backward()
-        return _take(params, "grad_sample")
-    return step
-
-
-def _backpack_unsupported(model: nn.Module) -> str | None:
-    try:
-        from backpack.extensions import BatchGrad
-    except ImportError as e:
-        return f"backpack-for-pytorch is not installed ({e})"
-    known = getattr(BatchGrad(), "_BackpropExtension__module_extensions", None)
-    if known is None:
-        return None
-    missing = sorted({type(m).__name__ for m in model.modules()
-                      if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in known})
-    if missing:
-        return f"BackPACK {_version('backpack-for-pytorch')} BatchGrad has no extension for {', '.join(missing)}"
-    return None
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
-def _prepare_backpack(model, loss_fn) -> Step:
-    from backpack import backpack, extend
-    from backpack.extensions import BatchGrad
-
-    model = extend(model)
-    params = _trainable(model)
-
-    def step(x, y):
-        with backpack(BatchGrad()):
-            loss_fn(model(x), y).sum().backward()
-        return _take(params, "grad_batch")
-    return step
-
-
-def _opacus_unsupported(model: nn.Module) -> str | None:
-    try:
-        from opacus import GradSampleModule
-    except ImportError as e:
-        return f"opacus is not installed ({e})"
-    errors = GradSampleModule.validate(model, strict=False)
-    return "; ".join(str(e) for e in errors) or None
-
-
-ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("plain", "forward + backward", _prepare_plain, lambda r: r, per_sample=False),
-    Engine("gradgraph", "gradgraph.capture", _prepare_gradgraph, lambda g: g.per_sample_grads(), per_sample=False),
-    Engine("vmap", "torch.func vmap(grad)", _prepare_vmap, lambda r: r),
-    Engine("opacus", "Opacus GradSampleModule", _prepare_opacus, lambda r: r, _opacus_unsupported),
-    Engine("backpack", "BackPACK BatchGrad", _prepare_backpack, lambda r: r, _backpack_unsupported),
-)}
-
-
-def prepare(engine: str, model: nn.Module, loss_fn) -> Step:
-    """A step function of ``engine`` on its own copy of ``model`` (peers add hooks or wrap the model)."""
-    return ENGINES[engine].prepare(copy.deepcopy(model), loss_fn)
-
-
-def engine_grads(engine: str, model: nn.Module, x: Tensor, y: Tensor, loss_fn) -> dict[str, Tensor]:
-    """One step of ``engine`` and the gradients it produced (see :attr:`Engine.grads`)."""
-    with _quiet():
-        return ENGINES[engine].grads(prepare(engine, model, loss_fn)(x, y))
-
-
+# -- agreement -----------------------------------------------------------------------------------------------
 def max_rel_diff(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
     """max |got - want| over all tensors, relative to max |want| (some gradients are analytically zero)."""
     if set(got) != set(want):
@@ -317,8 +155,6 @@ def agreement(config: Config, engines: list[str], device: str, samples: int = 4,
     """Each engine's gradients on the first ``samples`` samples against the graph's reconstruction:
     per-sample gradients vs ``graph.per_sample_grads()`` (plain: ``.grad`` vs ``graph.grads()``). The
     value is the largest relative difference, or the error an engine raised."""
-    import gradgraph
-
     model, x, y, loss_fn = config.build(seed, device, dtype)
     x, y = x[:samples], y[:samples]
     graph = gradgraph.capture(model, x, y, loss_fn)
@@ -333,20 +169,11 @@ def agreement(config: Config, engines: list[str], device: str, samples: int = 4,
     return out
 
 
-# -- timing --------------------------------------------------------------------------------------------------
-@dataclass
-class Memory:
-    """Peak extra bytes of one step, and how they were measured."""
-
-    peak: int | None
-    method: str
-    note: str | None = None
-
-
+# -- peak memory ---------------------------------------------------------------------------------------------
 def measure_peak(config: Config, engine: str, device: str = "cpu", seed: int = 0) -> Memory:
     """Peak memory of one step of ``engine`` above the prepared state, in this process (see module docs)."""
     model, x, y, loss_fn = config.build(seed, device)
-    with _quiet():
+    with quiet():
         step = prepare(engine, model, loss_fn)
         del model
         step(x, y)  # warm-up: lazy initializations, hooks, caches; freed before measuring
@@ -381,35 +208,6 @@ def theoretical_ratios(model: nn.Module) -> list[float]:
 
 
 # -- the benchmark -------------------------------------------------------------------------------------------
-@dataclass
-class Row:
-    """One configuration's results: per engine, step times (s), peak memory, agreement or a skip reason."""
-
-    config: Config
-    params: int
-    times: dict[str, list[float]] = field(default_factory=dict)
-    memory: dict[str, Memory] = field(default_factory=dict)
-    diff: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    feature_bytes: int = 0
-    psg_bytes: int = 0
-    graph_bytes: int = 0
-    theory: list[float] = field(default_factory=list)
-    repeats: int = 0
-
-    def median_ms(self, engine: str) -> float | None:
-        t = self.times.get(engine)
-        return statistics.median(t) * 1e3 if t else None
-
-    def peak_mib(self, engine: str) -> float | None:
-        m = self.memory.get(engine)
-        return None if m is None or m.peak is None else m.peak / _MIB
-
-    def fastest_peer(self) -> str | None:
-        done = [e for e in PEERS if self.median_ms(e) is not None]
-        return min(done, key=self.median_ms) if done else None
-
-
 def grid(args) -> list[Config]:
     if args.tiny:
         return [Config("mlp", 4, width=16, depth=2), Config("cnn", 4), Config("gpt", 2)]
@@ -424,19 +222,17 @@ def grid(args) -> list[Config]:
 
 def run_config(config: Config, args, progress) -> Row:
     """Agreement, timings and representation sizes of one configuration (memory comes later)."""
-    import gradgraph
-
     model, x, y, loss_fn = config.build(args.seed, args.device)
     row = Row(config, num_params(model), repeats=args.repeats)
     psg = config.batch * row.params * 4  # float32
     for e in args.engines:
-        reason = ENGINES[e].unsupported(model)
-        if reason is None and ENGINES[e].per_sample and psg > args.max_gb * 2 ** 30:
+        reason = ENGINES.get(e).unsupported(model)
+        if reason is None and ENGINES.get(e).per_sample and psg > args.max_gb * 2 ** 30:
             reason = (f"per-sample gradients alone need {psg / 2 ** 30:.1f} GiB (> --max-gb {args.max_gb:g})")
         if reason:
             row.skipped[e] = reason
     if args.check:
-        with _quiet():
+        with quiet():
             checked = agreement(config, [e for e in args.engines if e not in row.skipped], args.device,
                                 seed=args.seed)
         for e, v in checked.items():
@@ -451,7 +247,7 @@ def run_config(config: Config, args, progress) -> Row:
     row.theory = theoretical_ratios(model) if config.family == "mlp" else []
     del graph
     steps = {}
-    with _quiet():
+    with quiet():
         for e in engines:
             try:
                 steps[e] = prepare(e, model, loss_fn)
@@ -466,7 +262,7 @@ def run_memory(rows: list[Row], args) -> None:
     measures its own process, so they do not disturb each other's figures, only the wall time), except peers
     whose per-sample gradients exceed 1 GiB: those run alone, so that two of them never share the RAM."""
     jobs = [(row, e) for row in rows for e in args.engines if e not in row.skipped]
-    big = [(row, e) for row, e in jobs if ENGINES[e].per_sample and row.params * row.config.batch * 4 > 2 ** 30]
+    big = [(row, e) for row, e in jobs if ENGINES.get(e).per_sample and row.params * row.config.batch * 4 > 2 ** 30]
     small = [job for job in jobs if job not in big]
     workers = max(1, args.memory_jobs) if args.memory == "subprocess" else 1
     with tqdm(total=len(jobs), desc="peak memory", unit="run", disable=False) as bar:
@@ -478,113 +274,6 @@ def run_memory(rows: list[Row], args) -> None:
                     row, e = futures[future]
                     row.memory[e] = future.result()
                     bar.update(1)
-
-
-# -- the tables ----------------------------------------------------------------------------------------------
-def _fmt(v: float | None, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    if v >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}f}" if v >= 1 else f"{v:.{digits + 1}g}"
-
-
-def _ratio(v: float | None, ref: float | None) -> str:
-    return "-" if v is None or not ref else f"{v / ref:.2f}x"
-
-
-MAIN_COLUMNS = ["model", "batch", "params", "engine", "time [ms]", "time / plain", "peak memory [MiB]",
-                "memory / plain", "max rel. diff", "note"]
-TARGET_COLUMNS = ["model", "batch", "capture time / plain", "fastest peer", "peer time / capture",
-                  "peer memory / capture", "leanest peer memory / capture"]
-REPR_COLUMNS = ["model", "batch", "feature bytes", "per-sample grad bytes", "ratio", "theory (whole model)",
-                "ratio / theory", "theory per layer", "all graph tensors"]
-
-
-def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    align = ["---" if c in ("model", "engine", "note", "fastest peer", "theory per layer") else "---:"
-             for c in columns]
-    return ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"] + \
-           ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def main_table(rows: list[Row], engines: list[str]) -> list[str]:
-    out = []
-    for row in rows:
-        t0, m0 = row.median_ms("plain"), row.peak_mib("plain")
-        for e in engines:
-            t, m = row.median_ms(e), row.peak_mib(e)
-            mem = row.memory.get(e)
-            note = row.skipped.get(e) or (mem.note if mem is not None else None) or ""
-            if not note and e in row.times and len(row.times[e]) < row.repeats:
-                note = f"{len(row.times[e])} timed steps (--budget)"
-            diff = "ref" if e == "gradgraph" and e in row.diff else row.diff.get(e)
-            out.append([row.config.label, str(row.config.batch), f"{row.params:,}", ENGINES[e].title, _fmt(t),
-                        _ratio(t, t0), _fmt(m), _ratio(m, m0), diff if isinstance(diff, str) else "-" if diff is None
-                        else f"{diff:.1e}", note])
-    return _table(MAIN_COLUMNS, out)
-
-
-def target_table(rows: list[Row]) -> list[str]:
-    out = []
-    for row in rows:
-        tc, mc = row.median_ms("gradgraph"), row.peak_mib("gradgraph")
-        fast = row.fastest_peer()
-        lean = [row.peak_mib(e) for e in PEERS if row.peak_mib(e) is not None]
-        out.append([row.config.label, str(row.config.batch), _ratio(tc, row.median_ms("plain")),
-                    ENGINES[fast].title if fast else "-",
-                    _ratio(row.median_ms(fast), tc) if fast else "-",
-                    _ratio(row.peak_mib(fast), mc) if fast else "-",
-                    _ratio(min(lean), mc) if lean else "-"])
-    return _table(TARGET_COLUMNS, out)
-
-
-def repr_table(rows: list[Row]) -> list[str]:
-    out = []
-    for row in rows:
-        if not row.feature_bytes:
-            continue
-        ratio, whole = row.feature_bytes / row.psg_bytes, None
-        if row.theory:
-            lin = [(m.in_features, m.out_features) for m in _linears(row.config)]
-            whole = sum(a + b for a, b in lin) / sum(a * b for a, b in lin)
-        out.append([row.config.label, str(row.config.batch), f"{row.feature_bytes:,}", f"{row.psg_bytes:,}",
-                    f"{ratio:.4g}", "-" if whole is None else f"{whole:.4g}",
-                    "-" if whole is None else f"{ratio / whole:.2f}x",
-                    ", ".join(f"{t:.4g}" for t in row.theory) or "-", f"{row.graph_bytes:,}"])
-    return _table(REPR_COLUMNS, out)
-
-
-def _linears(config: Config) -> list[nn.Linear]:
-    dims = [config.width] * (config.depth + 1) + [10]
-    return [nn.Linear(a, b, device="meta") for a, b in itertools.pairwise(dims)]
-
-
-def report(rows: list[Row], engines: list[str], machine: str, command: str) -> str:
-    """The markdown report: machine, command, the main table, the targets and the representation sizes."""
-    intro = ("Time: median wall time of one step after warm-up (engines interleaved round-robin). Peak memory: "
-             "extra memory of one step above the prepared model and data (see `gradgraph.bench.capture`). "
-             "Ratios are to plain forward + backward of the same configuration. `max rel. diff`: largest "
-             "difference of the engine's gradients from the graph's reconstruction (`graph.per_sample_grads()`; "
-             "plain: `.grad` vs `graph.grads()`), relative to the largest gradient, on the first 4 samples.")
-    targets = ("capture time / plain: target <= 1.2x. Peer / capture: how many times slower (more memory) the "
-               "fastest per-sample-gradient peer is; target >= 5x (time) and >= 10x (memory) at width >= 1024, "
-               "batch 128.")
-    sizes = ("feature bytes: the graph's `entry_x` (a and g per node and element); per-sample grad bytes: b x P "
-             "values; theory: (d_in + d_out) / (d_in d_out) per linear layer, and Σ(d_in + d_out) / Σ d_in d_out "
-             "for the whole MLP. The graph keeps an (a, g) pair for every node, so the input layer's nodes carry "
-             "an empty g slot and the output layer's an empty a slot (masked by `entry_mask`): that, not the "
-             "hidden layers, makes ratio / theory exceed 1. All graph tensors adds the int64 entry indices, the "
-             "entry mask and the node, layer and op tables (cached per spec: shared by every graph of the same "
-             "model and batch shape).")
-    lines = ["# Capture speed and memory", "", f"Machine: {machine}  ",
-             f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  ", f"Command: `{command}`", "", intro, ""]
-    lines += main_table(rows, engines)
-    lines += ["", "## Targets", "", targets, ""]
-    lines += target_table(rows)
-    lines += ["", "## Representation size", "", sizes, ""]
-    lines += repr_table(rows)
-    return "\n".join(lines) + "\n"
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -643,8 +332,6 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    from . import machine_description
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from ..tasks.curvature import MODELS, CurvatureConfig, load_dataset, train_curvature
-from . import machine_description
+from .measure import machine_description
 
 PRESETS = {
     # the paper's protocol

@@ -1,12 +1,14 @@
 """Measuring one step: wall time (round-robin, median of repeats) and peak memory (the resident set's
-high-water mark on Linux, the CUDA allocator's peak on GPUs). Shared by the benchmarks; see
-:mod:`gradgraph.bench.capture` for the method and its caveats."""
+high-water mark on Linux, the CUDA allocator's peak on GPUs), and the line naming the machine. Shared by the
+benchmarks; see :mod:`gradgraph.bench.capture` for the method and its caveats."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import gc
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -14,6 +16,22 @@ import time
 from collections.abc import Callable
 
 import torch
+
+
+def machine_description(device: str = "cpu") -> str:
+    """One line naming the machine the numbers come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    line = (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        line += f", GPU {torch.cuda.get_device_name(0)}"
+    return line
 
 
 def sync(device: str) -> None:

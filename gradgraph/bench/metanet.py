@@ -28,8 +28,7 @@ from ..capture import capture
 from ..io import atomic_write_text
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..nn.baselines import WeightSpaceGMN
-from . import machine_description
-from .measure import frozen_heap, run_worker, step_peak, time_steps, worker_main
+from .measure import frozen_heap, machine_description, run_worker, step_peak, time_steps, worker_main
 
 MODELS = ("gradmetanet", "gradmetanet++", "gmn-concat")
 

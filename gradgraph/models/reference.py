@@ -2,14 +2,15 @@
 gradgraph discovers their structure by tracing (no special cases for them in the library)."""
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UnknownNameError
 from ..losses import per_sample_cross_entropy, per_sample_mse
+from ..registry import Registry
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
@@ -196,19 +197,19 @@ class GPT(_Reference):
     per_sample_loss = staticmethod(per_sample_cross_entropy)
 
 
-_BUILDERS = {"mlp": MLP, "siren": SIREN, "cnn": CNN, "gpt": GPT}
+# The reference models by name; ``allow_paths``: a user's ``package.module:function`` (returning an nn.Module)
+# works wherever a name does (``gradgraph inspect --model``).
+REFERENCE_MODELS = Registry("reference model", allow_paths=True)
+for _name, _cls in (("mlp", MLP), ("siren", SIREN), ("cnn", CNN), ("gpt", GPT)):
+    REFERENCE_MODELS.register(_name, _cls)
+del _name, _cls
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """A reference model by name (``mlp``, ``siren``, ``cnn``, ``gpt``) or ``package.module:function`` (a
-    function returning an nn.Module)."""
-    if name in _BUILDERS:
-        return _BUILDERS[name](**kwargs)
-    if ":" in name:
-        mod, fn = name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot load model factory '{name}': {e}") from e
-        return factory(**kwargs)
-    raise ValueError(f"unknown model '{name}': use one of {sorted(_BUILDERS)} or 'package.module:function'")
+    function returning an nn.Module). Unknown names raise :class:`~gradgraph.errors.UnknownNameError` (a
+    ValueError)."""
+    if name not in REFERENCE_MODELS and ":" not in name:
+        raise UnknownNameError(f"unknown model '{name}': use one of {sorted(REFERENCE_MODELS)} or "
+                               "'package.module:function'")
+    return REFERENCE_MODELS.build(name, **kwargs)

@@ -1,0 +1,62 @@
+"""gradgraph.bench: the benchmark registry lists every benchmark without importing torch or the benchmarks,
+and gets each one's module (``add_arguments(parser)``, ``run(args)``) on demand."""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradgraph.bench import BENCHMARKS, add_bench_parsers
+from gradgraph.errors import UnknownNameError
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gradgraph"
+
+
+def test_listing_the_benchmarks_imports_no_torch():
+    """In a fresh process where importing torch fails: the names and help texts come from the registry alone.
+    The ``gradgraph`` package is stubbed (its own ``__init__`` imports torch; this checks ``gradgraph.bench``)."""
+    code = f"""
+import importlib.abc, sys, types
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError("torch was imported")
+sys.meta_path.insert(0, NoTorch())
+package = types.ModuleType("gradgraph")
+package.__path__ = [{str(PACKAGE)!r}]
+sys.modules["gradgraph"] = package
+from gradgraph.bench import BENCHMARKS
+for name in BENCHMARKS.names():
+    print(name, "|", BENCHMARKS.help(name))
+print(sorted(m for m in sys.modules if m.startswith("gradgraph.")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines[:-1]] == ["capture", "curvature", "metanet"]
+    assert all(ln.split(" | ")[1] for ln in lines[:-1])
+    assert lines[-1] == "['gradgraph.bench', 'gradgraph.errors', 'gradgraph.registry']"
+
+
+@pytest.mark.parametrize("name", BENCHMARKS.names())
+def test_every_benchmark_module_has_its_entry_points(name):
+    module = BENCHMARKS.get(name)
+    assert module.__name__ == f"gradgraph.bench.{name}"
+    assert callable(module.add_arguments) and callable(module.run)
+    # the help text given at registration is the module docstring's first line (kept in sync by this test)
+    assert BENCHMARKS.help(name) == module.__doc__.strip().splitlines()[0]
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)  # the options build without error
+
+
+def test_unknown_benchmark_is_a_clear_error():
+    with pytest.raises(UnknownNameError, match="unknown benchmark 'nope': choose one of capture, curvature"):
+        BENCHMARKS.get("nope")
+
+
+def test_add_bench_parsers_adds_every_benchmark():
+    parser = argparse.ArgumentParser()
+    add_bench_parsers(parser.add_subparsers(dest="command"))
+    for name in BENCHMARKS.names():
+        args = parser.parse_args(["bench", name])
+        assert args.benchmark == name and args.func is BENCHMARKS.get(name).run
