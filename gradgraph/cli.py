@@ -1,15 +1,86 @@
-"""The ``gradgraph`` command."""
+"""The ``gradgraph`` command.
+
+``gradgraph train <task>`` is generated from the task's config dataclass (every field an option, with its
+help and default), so a registered task gets its command for free. Listing commands, tasks and benchmarks
+imports no torch (``gradgraph --help`` is fast): a command's module is imported when the command runs, a
+benchmark's options when that benchmark is named.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import types
+import typing
+from dataclasses import MISSING, fields, replace
 
-import torch
+from .bench import BENCHMARKS
+from .registry import load_object
+from .tasks import TASKS
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, unless its help already says what the default means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
+# -- options from config dataclasses ---------------------------------------------------------------------
+def _value_type(hint):
+    """The value type of a field's type hint (``int | None`` -> ``int``; None stays a valid default)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else str
+    return hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One option per field of ``config_cls``, the task's own fields first: ``--train-size`` for
+    ``train_size``, typed from the annotation, with the field's help, choices and default."""
+    hints = typing.get_type_hints(config_cls)
+    inherited = {f.name for base in config_cls.__mro__[1:] if hasattr(base, "__dataclass_fields__")
+                 for f in fields(base)}
+    own = [f for f in fields(config_cls) if f.name not in inherited]
+    ordered = own + [f for f in fields(config_cls) if f not in own]
+    for f in ordered:
+        hint = _value_type(hints[f.name])
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict = {"default": default, "help": f.metadata.get("help") or " ", "dest": f.name}
+        choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = choices()
+        if choices:
+            kwargs["choices"] = list(choices)
+        flag = "--" + f.name.replace("_", "-")
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        origin = typing.get_origin(hint)
+        if origin in (tuple, list):
+            kwargs["nargs"] = "+"
+            hint = typing.get_args(hint)[0]
+        kwargs["type"] = hint if hint in (int, float, str) else str
+        if not choices:
+            kwargs["metavar"] = kwargs["type"].__name__.upper()
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace):
+    values = {f.name: getattr(args, f.name) for f in fields(config_cls)}
+    for f in fields(config_cls):
+        if isinstance(values[f.name], list):
+            values[f.name] = tuple(values[f.name])
+    return config_cls(**values)
+
+
+# -- commands --------------------------------------------------------------------------------------------
 def _load_model(name: str, seed: int):
     """A reference model, or ``package.module:function`` returning a model with ``example_inputs()`` or a
     tuple ``(model, inputs[, targets, loss_fn])``."""
+    import torch
+
     from .models import build_model
 
     torch.manual_seed(seed)
@@ -23,7 +94,9 @@ def _load_model(name: str, seed: int):
 
 
 def cmd_inspect(args) -> int:
-    import gradgraph
+    import torch
+
+    from . import capture
 
     model, inputs, targets, loss_fn = _load_model(args.model, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -37,7 +110,7 @@ def cmd_inspect(args) -> int:
             targets = model.example_targets(args.batch_size, gen)
         else:
             loss_fn = None
-    graph = gradgraph.capture(model, inputs, targets, loss_fn)
+    graph = capture(model, inputs, targets, loss_fn)
     print(f"model: {args.model} ({type(model).__name__}), batch of {graph.num_samples}, "
           f"{'per-sample loss' if loss_fn else 'sum of outputs'} differentiated\n")
     print(graph.summary())
@@ -51,70 +124,60 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_train_curvature(args) -> int:
-    import json
-    import os
+def cmd_train(args) -> int:
+    """Train one run of a task (under torchrun: one process per rank, see gradgraph.train.distributed)."""
+    from .train.distributed import is_main, process_group
+    from .train.loop import train
 
-    import torch.distributed as dist
-
-    from .tasks.curvature import CurvatureConfig, train_curvature
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun
-    device = args.device
-    if distributed:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    cfg = CurvatureConfig(model=args.model, train_size=args.train_size, seed=args.seed, epochs=args.epochs,
-                          patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                          num_models=args.num_models, num_points=args.num_points, out_dir=args.out_dir,
-                          device=device)
-    try:
-        metrics = train_curvature(cfg, progress=not args.quiet)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
-    if not distributed or int(os.environ.get("RANK", "0")) == 0:
-        summary = {k: v for k, v in metrics.items() if k not in ("history", "config")}
-        print(json.dumps(summary, indent=1))
-        print(f"run folder: {cfg.run_dir}")
+    cfg = config_from_args(args.config_cls, args)
+    task_cls = load_object(cfg.task)
+    with process_group(cfg.device) as device:
+        cfg = replace(cfg, device=device)
+        metrics = train(task_cls(cfg, progress=not args.quiet), progress=not args.quiet)
+        if is_main():
+            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "config")}, indent=1))
+            print(f"run folder: {cfg.run_dir}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the benchmark named in ``argv`` (if any) has its options loaded."""
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="capture a batch of a model and summarize its gradient graph")
-    p.add_argument("--model", default="mlp", help="mlp | siren | cnn | gpt | package.module:function (default mlp)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("inspect", help="capture a batch of a model and summarize its gradient graph",
+                       formatter_class=_Formatter)
+    p.add_argument("--model", default="mlp", help="mlp | siren | cnn | gpt | package.module:function")
+    p.add_argument("--batch-size", type=int, default=8, help="samples in the batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
     p.set_defaults(func=cmd_inspect)
-    from .tasks.curvature import MODELS
 
     train = sub.add_parser("train", help="train a metanetwork on a task").add_subparsers(dest="task", required=True)
-    c = train.add_parser("curvature", help="predict SIREN Fisher diagonals from 128 gradients (paper Sec. 5.1)")
-    c.add_argument("--model", choices=MODELS, default="gradmetanet")
-    c.add_argument("--train-size", type=int, default=2000)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--epochs", type=int, default=100)
-    c.add_argument("--patience", type=int, default=None, help="early stopping patience (default: none)")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--num-models", type=int, default=3000, help="dataset size (500 test, 500 validation)")
-    c.add_argument("--num-points", type=int, default=128, help="gradients per graph")
-    c.add_argument("--out-dir", default="runs/curvature")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--quiet", action="store_true")
-    c.set_defaults(func=cmd_train_curvature)
-    from .bench import add_bench_parsers
+    for name in TASKS:
+        config_cls = TASKS.get(name)
+        t = train.add_parser(name, help=TASKS.help(name), description=(config_cls.__doc__ or "").strip(),
+                             formatter_class=_Formatter)
+        add_config_arguments(t, config_cls)
+        t.add_argument("--quiet", action="store_true", help="no progress bars")
+        t.set_defaults(func=cmd_train, config_cls=config_cls)
 
-    add_bench_parsers(sub)
+    bench = sub.add_parser("bench", help="run a benchmark and write its markdown table")
+    benches = bench.add_subparsers(dest="benchmark", required=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
+    for name in BENCHMARKS:
+        b = benches.add_parser(name, help=BENCHMARKS.help(name), formatter_class=_Formatter)
+        if name == wanted:  # import the benchmark (and torch) only when it runs
+            module = BENCHMARKS.get(name)
+            b.description = (module.__doc__ or "").strip().split("\n\n")[0]
+            module.add_arguments(b)
+            b.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

@@ -1,4 +1,5 @@
 """The gradgraph command."""
+import json
 import subprocess
 import sys
 
@@ -30,3 +31,32 @@ def test_console_entry_point_runs():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model"):
         main(["inspect", "--model", "resnet9000"])
+
+
+def test_help_lists_commands_without_importing_torch():
+    code = ("import sys; from gradgraph.cli import build_parser; p = build_parser(['--help']); "
+            "p.format_help(); print('torch' in sys.modules, sorted(p._subparsers._group_actions[0].choices))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False") and "'bench'" in out and "'train'" in out
+
+
+def test_train_help_shows_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "curvature", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--train-size INT", "(default: 2000)", "--model {gradmetanet,", "--lr FLOAT", "(default: 0.001)",
+                 "--patience INT", "--out-dir STR", "(default: runs/curvature)"):
+        assert text in out, text
+
+
+def test_a_registered_task_gets_its_command_for_free(tmp_path, capsys, monkeypatch):
+    from gradgraph.tasks import TASKS
+
+    monkeypatch.setitem(TASKS._entries, "toy", "test_train_loop:ToyConfig")
+    assert main(["train", "toy", "--epochs", "2", "--noise", "0.2", "--out-dir", str(tmp_path), "--quiet"]) == 0
+    assert '"test_mse"' in capsys.readouterr().out
+    saved = json.loads((tmp_path / "seed0" / "metrics.json").read_text())
+    assert saved["config"]["noise"] == 0.2 and saved["epochs_run"] == 2
+    with pytest.raises(SystemExit):
+        main(["train", "toy", "--noise", "much"])  # typed from the annotation
+    assert "invalid float value" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import importlib
 
 from ..registry import Registry
 
-__all__ = ["BENCHMARKS", "add_bench_parsers"]
+__all__ = ["BENCHMARKS"]
 
 # Lazy entries "gradgraph.bench:NAME": the module-level __getattr__ below imports the submodule on first use.
 # The help text is the first line of the module's docstring (a test keeps the two equal).
@@ -33,14 +33,3 @@ def __getattr__(name: str):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def add_bench_parsers(subparsers) -> None:
-    """The ``bench NAME`` subcommands, one per benchmark. This imports every benchmark module (to add its
-    options); a lazy CLI builds only the chosen one from ``BENCHMARKS``."""
-    bench = subparsers.add_parser("bench", help="run a benchmark and write its markdown table")
-    sub = bench.add_subparsers(dest="benchmark", required=True)
-    for name in BENCHMARKS.names():
-        module = BENCHMARKS.get(name)
-        p = sub.add_parser(name, help=BENCHMARKS.help(name))
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)

@@ -2,16 +2,26 @@
 that names a :class:`gradgraph.train.Task` class; ``TASKS`` maps task names to configs, loaded when used, and
 ``gradgraph train <name>`` is generated from the config's fields.
 
-Register your own: ``TASKS.register("mytask", "mypackage.tasks:MyConfig", help="...")``."""
+Register your own with ``TASKS.register("mytask", "mypackage.configs:MyConfig", help="...")``, or, for the
+command line, with an entry point in your package's pyproject.toml::
+
+    [project.entry-points."gradgraph.tasks"]
+    mytask = "mypackage.configs:MyConfig"
+"""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
 from ..registry import Registry
 
 TASKS = Registry("task")
 TASKS.register("curvature", "gradgraph.tasks.configs:CurvatureConfig",
                help="predict SIREN Fisher diagonals from 128 gradients (paper Sec. 5.1)")
+# tasks of other installed packages: an entry point "name = package.module:Config" in group "gradgraph.tasks"
+for _ep in importlib.metadata.entry_points(group="gradgraph.tasks"):
+    if _ep.name not in TASKS:
+        TASKS.register(_ep.name, _ep.value)
 
 _LAZY = {"CurvatureConfig": "configs", "CURVATURE_MODELS": "configs", "train_curvature": "curvature",
          "build_model": "curvature", "CurvatureTask": "curvature"}
