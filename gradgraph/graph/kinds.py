@@ -179,7 +179,8 @@ class OpKind:
         [E, C] each, both in the canonical layout [G, n_out, n_in', K, C]:
 
         * paired: (1/b) sum_q phi_q(j) psi_q(i), the weight gradient with (phi, psi) in place of (g, a);
-        * factorized: ((1/b) sum_q phi_q(j)) ((1/b) sum_q psi_q(i))."""
+        * factorized: ((1/b) sum_q phi_q(j)) ((1/b) sum_q psi_q(i)), the product of the two neurons' moments
+          (K-FAC-like: lower variance when the two sides are weakly correlated)."""
         X_out, X_in, b = self.aligned_blocks(group, op, phi, psi)
         out_mean = X_out.sum(1) / b  # [G, n_out, C]
         paired = torch.einsum("gqoc,gqikc->goikc", X_out, X_in) / b
