@@ -6,6 +6,7 @@ from torch_geometric.loader import DataLoader
 
 import gradgraph
 from gradgraph.graph import require_set_size
+from gradgraph.graph.gradient_graph import GradientGraph
 
 FAMILIES = ["mlp", "cnn", "conv1d", "gpt", "transformer_encoder", "residual"]
 
@@ -131,8 +132,6 @@ def test_mixed_architectures_batch_and_unbatch():
 
 def test_fast_construction_equals_pyg_construction():
     """from_parts fills PyG's store directly; the result must be what the public constructor gives."""
-    from gradgraph.graph.gradient_graph import GradientGraph
-
     _, g = _graph("gpt")
     slow = GradientGraph(**{k: v for k, v in g._store.items()})
     assert list(slow.keys()) == list(g.keys()) and slow.num_nodes == g.num_nodes == g.spec.num_nodes
@@ -192,3 +191,26 @@ def test_graphs_of_one_structure_share_index_tensors_but_not_features(family):
     assert (second.entry_node is first.entry_node) == (family == "mlp")
     for k, v in first.per_sample_grads().items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "gpt"])
+def test_to_dict_round_trips(family, tmp_path):
+    """Plain data: the features and spec.to_dict() (no gradgraph classes), read back with weights_only=True."""
+    c, g = _graph(family)
+    g.materialize_edges()
+    g.y = torch.arange(3)  # attributes beside the features (a dataset's targets) travel too
+    d = g.to_dict()
+    path = tmp_path / "g.pt"
+    torch.save(d, path)
+    for back in (GradientGraph.from_dict(torch.load(path, weights_only=True)), GradientGraph.from_dict(d)):
+        assert back.spec == g.spec and back.summary() == g.summary() and torch.equal(back.y, g.y)
+        assert set(back.keys()) == set(g.keys())
+        for k in g.keys():
+            assert (torch.equal(back[k], g[k]) if isinstance(g[k], torch.Tensor) else back[k] == g[k]), k
+        want = g.per_sample_grads()
+        assert all(torch.equal(v, want[k]) for k, v in back.per_sample_grads().items())
+    g.save(tmp_path / "graph.pt")
+    back = GradientGraph.load(tmp_path / "graph.pt")
+    assert back.spec == g.spec and torch.equal(back.entry_x, g.entry_x) and "edge_index" in back
+    with pytest.raises(gradgraph.errors.FileFormatError):
+        GradientGraph.load(path)  # a bare dict is not a gradgraph graph file

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 from ..errors import SetSizeMismatchError, StructureMismatchError
-from .ops import KIND_CODES, KINDS, bias_grad
-from .spec import ROLES, GraphSpec
+from ..io import load_file, save_file
+from .kinds import kind_of
+from .spec import GraphSpec
+from .tables import edge_tensors, structure_tensors
 
 # attribute -> the per-graph count it is offset by when graphs are batched
 _INC = {
@@ -22,6 +24,9 @@ _INC = {
     "wentry_theta": "num_params", "bentry_node": "num_nodes", "bentry_theta": "num_params",
 }
 _PREFIXES = ("entry_", "elem_", "node_", "layer_", "op_", "space_", "wentry_", "bentry_", "edge_op")
+_ENTRY_KEYS = ("entry_x", "entry_mask", "entry_node", "entry_elem")  # from_parts' arguments, in order
+_DERIVED = ("num_nodes", "num_samples", "num_elements", "num_groups", "num_layers", "num_ops", "num_spaces",
+            "num_params")
 EDGE_KEYS = ("edge_index", "edge_op", "wentry_edge", "wentry_offset", "wentry_theta", "bentry_node", "bentry_theta")
 
 
@@ -69,7 +74,7 @@ class GradientGraph(Data):
                      spec=spec, num_nodes=spec.num_nodes, num_samples=spec.num_samples,
                      num_elements=spec.num_elements, num_groups=len(spec.groups), num_layers=len(spec.layers),
                      num_ops=len(spec.ops), num_spaces=len(spec.spaces), num_params=spec.num_params,
-                     **_structure_tensors(spec, entry_x.device))
+                     **structure_tensors(spec, entry_x.device))
         graph = cls()
         # every attribute is a tensor or an int gradgraph built itself: filling the store at once skips PyG's
         # per-attribute setattr checks (~165 us for these 33 attributes, a third of a small model's capture)
@@ -144,16 +149,13 @@ class GradientGraph(Data):
         for op in spec.ops:
             A = self.layer_features(op.in_layer, "a")
             G = self.layer_features(op.out_layer, "g")
-            kind = KINDS[op.kind]
+            kind = kind_of(op)
             if spec.theta_range(op.weight) is not None:
-                if op.kind == "embedding":
-                    grad = kind.per_sample_grad(op, A, G, spec.layers[op.in_layer].size)
-                else:
-                    grad = kind.per_sample_grad(op, A, G)
+                grad = kind.per_sample_grad(op, A, G, spec.layers[op.in_layer].size, spec.layers[op.out_layer].size)
                 grad = grad.reshape((b,) + spec.use_shape(op.weight))
                 _put(out[op.weight.name], op.weight.rows, grad if per_sample else grad.sum(0), per_sample)
             if spec.theta_range(op.bias) is not None:
-                grad = bias_grad(G)
+                grad = kind.bias_grad(op, G)
                 _put(out[op.bias.name], op.bias.rows, grad if per_sample else grad.sum(0), per_sample)
         return out
 
@@ -192,7 +194,7 @@ class GradientGraph(Data):
         """Store the explicit edge and parameter-entry tensors (see the class docstring); returns self."""
         if "edge_index" in self._store:
             return self
-        parts = [_edge_tensors(s) for s in self.specs]
+        parts = [edge_tensors(s) for s in self.specs]
         if len(parts) == 1:
             merged = parts[0]
         else:  # a batch of un-materialized graphs: offset each graph's indices
@@ -214,6 +216,40 @@ class GradientGraph(Data):
             self[k] = v.to(device)
         return self
 
+    # -- plain data -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The graph as plain data: ``spec.to_dict()``, the entry tensors, whether edges are materialized, and
+        any further attributes (e.g. a dataset's targets) under ``"attrs"``. Index tables are not stored: they
+        are rebuilt from the spec. Read back with :meth:`from_dict`; survives ``torch.load(weights_only=True)``."""
+        self._single("to_dict")
+        store = self._store
+        derived = set(_INC) | set(_DERIVED) | set(structure_tensors(self.spec, "cpu")) | {"spec"} | set(EDGE_KEYS)
+        attrs = {k: v for k, v in store.items() if k not in derived and k not in _ENTRY_KEYS}
+        bad = sorted(k for k, v in attrs.items() if not isinstance(v, (Tensor, int, float, bool, str, type(None))))
+        if bad:
+            raise TypeError(f"GradientGraph.to_dict stores tensors, numbers and strings only; {bad} are not")
+        return {"spec": self.spec.to_dict(), **{k: store[k] for k in _ENTRY_KEYS},
+                "edges": "edge_index" in store, "attrs": attrs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GradientGraph":
+        """The graph :meth:`to_dict` described (same features, spec, edges and attributes)."""
+        graph = cls.from_parts(GraphSpec.from_dict(d["spec"]), *(d[k] for k in _ENTRY_KEYS))
+        if d.get("edges"):
+            graph.materialize_edges()
+        for k, v in d.get("attrs", {}).items():
+            graph[k] = v
+        return graph
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` to ``path`` (atomic, versioned: :func:`gradgraph.io.save_file`)."""
+        save_file(self.to_dict(), path, "graph")
+
+    @classmethod
+    def load(cls, path: str | Path, map_location=None) -> "GradientGraph":
+        """A graph written by :meth:`save`."""
+        return cls.from_dict(load_file(path, "graph", map_location=map_location))
+
     # -- views ----------------------------------------------------------------------------------------------
     def to_networkx(self):
         """A ``networkx.DiGraph``: nodes with their layer, space, role, position and permutability; one edge
@@ -229,7 +265,7 @@ class GradientGraph(Data):
                 G.add_node(node, layer=layer.key, depth=li, space=space.key, role=layer.role, pos=i,
                            permutable=space.permutable)
         for op in spec.ops:
-            src, dst, _ = KINDS[op.kind].edges(op, spec.layers[op.in_layer].size, spec.layers[op.out_layer].size, 0)
+            src, dst, _ = kind_of(op).edges(op, spec.layers[op.in_layer].size, spec.layers[op.out_layer].size, 0)
             s0, d0 = spec.layers[op.in_layer].node_start, spec.layers[op.out_layer].node_start
             G.add_edges_from(zip((src + s0).tolist(), (dst + d0).tolist()), op=op.name, kind=op.kind,
                              weights=op.entries_per_edge)
@@ -254,8 +290,7 @@ class GradientGraph(Data):
                  f"{'nodes':>6s} {'edges in':>8s}"]
         edges_into = [0] * len(spec.spaces)
         for op in spec.ops:
-            n_in, n_out = spec.layers[op.in_layer].size, spec.layers[op.out_layer].size
-            edges_into[spec.layers[op.out_layer].space] += n_out if op.kind == "diag" else n_in * n_out
+            edges_into[spec.layers[op.out_layer].space] += spec.op_edges(op)
         for si, s in enumerate(spec.spaces):
             lays = [lay for lay in spec.layers if lay.space == si]
             lines.append(f"{s.key:38s} {s.size:5d} {s.role:>7s} {'yes' if s.permutable else 'no':>4s} "
@@ -267,9 +302,7 @@ class GradientGraph(Data):
             lines.append(f"{lay.key:38s} {lay.size:6d} {els(lay.a):>14s} {els(lay.g):>14s}")
         lines += ["", f"{'op':38s} {'kind':>9s} {'edges':>8s} {'w/edge':>6s}"]
         for op in spec.ops:
-            n_in, n_out = spec.layers[op.in_layer].size, spec.layers[op.out_layer].size
-            lines.append(f"{op.name:38s} {op.kind:>9s} {(n_out if op.kind == 'diag' else n_in * n_out):8d} "
-                         f"{op.entries_per_edge:6d}")
+            lines.append(f"{op.name:38s} {op.kind:>9s} {spec.op_edges(op):8d} {op.entries_per_edge:6d}")
         fb, pb = self.feature_bytes(), self.per_sample_grad_bytes()
         lines += ["", f"feature bytes {fb:,} vs per-sample gradient bytes {pb:,} (ratio {fb / max(pb, 1):.4f})"]
         return "\n".join(lines)
@@ -296,79 +329,6 @@ def _decode(spec: GraphSpec, theta: Tensor) -> dict[str, Tensor]:
     if extra == (1,):
         extra = ()
     return {p.name: theta[p.offset:p.offset + p.numel].reshape(p.shape + extra) for p in spec.trainable}
-
-
-def _structure_tensors(spec: GraphSpec, device) -> dict[str, Tensor]:
-    """Node/layer/op/space/element tables of a spec (cached on the spec, moved to ``device``)."""
-    cached = spec.__dict__.get("_tables")
-    if cached is None:
-        node = {k: [] for k in ("layer", "space", "pos", "role", "permutable", "head")}
-        for li, lay in enumerate(spec.layers):
-            space = spec.spaces[lay.space]
-            n = lay.size
-            pos = torch.arange(n)
-            node["layer"].append(torch.full((n,), li))
-            node["space"].append(torch.full((n,), lay.space))
-            node["pos"].append(pos)
-            node["role"].append(torch.full((n,), ROLES.index(lay.role)))
-            node["permutable"].append(torch.full((n,), space.permutable))
-            node["head"].append(pos // (n // space.heads) if space.heads > 1 else torch.full((n,), -1))
-        t = {f"node_{k}": torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in node.items()}
-        t["node_depth"] = t["node_layer"].clone()
-        t["layer_size"] = torch.tensor([lay.size for lay in spec.layers], dtype=torch.long)
-        t["layer_node_start"] = torch.tensor([lay.node_start for lay in spec.layers], dtype=torch.long)
-        t["layer_space"] = torch.tensor([lay.space for lay in spec.layers], dtype=torch.long)
-        t["layer_role"] = torch.tensor([ROLES.index(lay.role) for lay in spec.layers], dtype=torch.long)
-        t["op_kind"] = torch.tensor([KIND_CODES[op.kind] for op in spec.ops], dtype=torch.long)
-        t["op_in_layer"] = torch.tensor([op.in_layer for op in spec.ops], dtype=torch.long)
-        t["op_out_layer"] = torch.tensor([op.out_layer for op in spec.ops], dtype=torch.long)
-        t["op_kernel"] = torch.tensor([op.entries_per_edge for op in spec.ops], dtype=torch.long)
-        t["space_size"] = torch.tensor([s.size for s in spec.spaces], dtype=torch.long)
-        t["space_permutable"] = torch.tensor([s.permutable for s in spec.spaces], dtype=torch.bool)
-        sample, group, pos = [], [], []
-        for gi, shape in enumerate(spec.groups):
-            per = math.prod(shape[1:])
-            sample.append(torch.arange(shape[0]).repeat_interleave(per))
-            group.append(torch.full((shape[0] * per,), gi))
-            pos.append(torch.arange(per).repeat(shape[0]))
-        t["elem_sample"] = torch.cat(sample) if sample else torch.zeros(0, dtype=torch.long)
-        t["elem_group"] = torch.cat(group) if group else torch.zeros(0, dtype=torch.long)
-        t["elem_pos"] = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long)
-        object.__setattr__(spec, "_tables", t)
-        cached = t
-    return {k: v.to(device) for k, v in cached.items()}
-
-
-def _edge_tensors(spec: GraphSpec) -> dict[str, Tensor]:
-    cached = spec.__dict__.get("_edges")
-    if cached is not None:
-        return cached
-    ei, eop, we, wo, wt, bn, bt = [], [], [], [], [], [], []
-    n_edges = 0
-    for k, op in enumerate(spec.ops):
-        lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
-        w_range = spec.theta_range(op.weight)
-        src, dst, theta = KINDS[op.kind].edges(op, lin.size, lout.size, w_range[0] if w_range else 0)
-        ei.append(torch.stack([src + lin.node_start, dst + lout.node_start]))
-        eop.append(torch.full((src.numel(),), k))
-        if w_range is not None:
-            K = theta.shape[1]
-            we.append((n_edges + torch.arange(src.numel())).repeat_interleave(K))
-            wo.append(torch.arange(K).repeat(src.numel()))
-            wt.append(theta.reshape(-1))
-        b_range = spec.theta_range(op.bias)
-        if b_range is not None:
-            bn.append(lout.node_start + torch.arange(lout.size))
-            bt.append(torch.arange(*b_range))
-        n_edges += src.numel()
-
-    def cat(xs, dim=0):
-        return torch.cat(xs, dim) if xs else torch.zeros((2, 0) if dim == 1 else 0, dtype=torch.long)
-
-    cached = {"edge_index": cat(ei, 1), "edge_op": cat(eop), "wentry_edge": cat(we), "wentry_offset": cat(wo),
-              "wentry_theta": cat(wt), "bentry_node": cat(bn), "bentry_theta": cat(bt)}
-    object.__setattr__(spec, "_edges", cached)
-    return cached
 
 
 def require_set_size(graph: GradientGraph, size: int | None = None) -> int:

@@ -17,13 +17,52 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from functools import cached_property
+from typing import Any, ClassVar
+
+from .kinds import kind_of
 
 ROLES = ("input", "hidden", "output")
-OP_KINDS = ("linear", "conv", "diag", "embedding")
+
+
+def _plain(v):
+    """Tuples (nested) as lists, specs as their dicts: plain data that ``torch.load(weights_only=True)`` reads."""
+    if isinstance(v, _Plain):
+        return v.to_dict()
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _tuple(v):
+    return tuple(v)
+
+
+def _tuples(v):
+    return tuple(tuple(x) for x in v)
+
+
+def _optional(decode):
+    return lambda v: None if v is None else decode(v)
+
+
+class _Plain:
+    """``to_dict``/``from_dict`` for the frozen spec dataclasses: plain dicts of lists, strs, ints, floats, bools and
+    None (no gradgraph classes), so stored structures survive renaming or moving a class. ``_DECODE`` maps the
+    fields that are not plain scalars to the function that rebuilds them; missing keys take the field's
+    default, unknown keys raise ``TypeError``."""
+
+    _DECODE: ClassVar[dict] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**{k: cls._DECODE[k](v) if k in cls._DECODE else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
-class SpaceSpec:
+class SpaceSpec(_Plain):
     """A neuron space. ``heads > 1`` splits it into attention heads of ``size // heads`` neurons; spaces
     with the same ``head_group`` permute their heads together. ``reason`` says why it is not permutable."""
 
@@ -38,7 +77,7 @@ class SpaceSpec:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
+class BlockSpec(_Plain):
     """A contiguous run of entries: ``channels`` is "ag" (paired a and g on the same elements), "a" or "g";
     ``kind`` "dense" holds ``M * n`` entries (element-major), "onehot" holds ``M`` entries (one per element,
     on the node of its token)."""
@@ -51,7 +90,7 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
-class LayerSpec:
+class LayerSpec(_Plain):
     key: str
     size: int
     space: int
@@ -60,26 +99,37 @@ class LayerSpec:
     a: BlockSpec | None
     g: BlockSpec | None
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerSpec":
+        a = None if d["a"] is None else BlockSpec.from_dict(d["a"])
+        # a paired "ag" block is one object shared by a and g (layouts test ``layer.a is layer.g``)
+        g = a if d["g"] is not None and d["g"] == d["a"] else None if d["g"] is None else BlockSpec.from_dict(d["g"])
+        return cls(**{**d, "a": a, "g": g})
+
     @property
     def nodes(self) -> range:
         return range(self.node_start, self.node_start + self.size)
 
 
 @dataclass(frozen=True)
-class ParamUse:
+class ParamUse(_Plain):
     """A parameter, or rows ``start:stop`` of it, used by one op."""
 
     name: str
     rows: tuple[int, int] | None = None
 
+    _DECODE = {"rows": _optional(_tuple)}
+
 
 @dataclass(frozen=True)
-class ParamSpec:
+class ParamSpec(_Plain):
     """``offset`` is the parameter's position in theta (None for frozen parameters, which are not in theta)."""
 
     name: str
     shape: tuple[int, ...]
     offset: int | None
+
+    _DECODE = {"shape": _tuple}
 
     @property
     def numel(self) -> int:
@@ -87,7 +137,7 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class OpSpec:
+class OpSpec(_Plain):
     """A parameterized op between ``in_layer`` and ``out_layer``.
 
     ``kernel`` is the spatial extent one edge covers: the conv kernel, the map size for a linear layer on a
@@ -107,19 +157,28 @@ class OpSpec:
     padding_idx: int | None = None
     buffers: tuple[str, ...] = ()
 
+    _DECODE = {"weight": _optional(ParamUse.from_dict), "bias": _optional(ParamUse.from_dict), "kernel": _tuple,
+               "stride": _tuple, "dilation": _tuple, "padding": _tuples, "buffers": _tuple}
+
     @property
     def entries_per_edge(self) -> int:
         return math.prod(self.kernel)
 
 
 @dataclass(frozen=True, repr=False)
-class GraphSpec:
+class GraphSpec(_Plain):
     spaces: tuple[SpaceSpec, ...]
     layers: tuple[LayerSpec, ...]
     ops: tuple[OpSpec, ...]
     groups: tuple[tuple[int, ...], ...]
     params: tuple[ParamSpec, ...]
     buffers: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    _DECODE = {"spaces": lambda v: tuple(SpaceSpec.from_dict(x) for x in v),
+               "layers": lambda v: tuple(LayerSpec.from_dict(x) for x in v),
+               "ops": lambda v: tuple(OpSpec.from_dict(x) for x in v), "groups": _tuples,
+               "params": lambda v: tuple(ParamSpec.from_dict(x) for x in v),
+               "buffers": lambda v: tuple((name, tuple(shape)) for name, shape in v)}
 
     def __repr__(self) -> str:
         return (f"GraphSpec({len(self.spaces)} spaces, {len(self.layers)} layers, {len(self.ops)} ops, "
@@ -186,11 +245,11 @@ class GraphSpec:
         return (use.rows[1] - use.rows[0],) + shape[1:]
 
     def num_edges(self) -> int:
-        total = 0
-        for op in self.ops:
-            n_in, n_out = self.layers[op.in_layer].size, self.layers[op.out_layer].size
-            total += n_out if op.kind == "diag" else n_in * n_out
-        return total
+        return sum(self.op_edges(op) for op in self.ops)
+
+    def op_edges(self, op: OpSpec) -> int:
+        """Number of weight edges of one op (its kind decides)."""
+        return kind_of(op).num_edges(op, self.layers[op.in_layer].size, self.layers[op.out_layer].size)
 
     def structure_key(self) -> tuple:
         """Equal for graphs of the same architecture (whatever the batch): used to check that a symmetry or

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import StructureMismatchError
 from .gradient_graph import GradientGraph, shallow_copy
-from .ops import KINDS
+from .kinds import kind_of
 from .spec import GraphSpec
 
 
@@ -109,7 +109,7 @@ def _apply_params(params: Mapping[str, Tensor], sym: Symmetry, batch_dims: int) 
     d = batch_dims
     for op in spec.ops:
         p_in, p_out = sym.perm_of_layer(op.in_layer), sym.perm_of_layer(op.out_layer)
-        kind = KINDS[op.kind]
+        kind = kind_of(op)
         for use, is_weight in ((op.weight, True), (op.bias, False)):
             if use is None or use.name not in params:
                 continue

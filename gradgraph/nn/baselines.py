@@ -25,10 +25,10 @@ from torch_geometric.utils import scatter
 
 from ..errors import SetSizeMismatchError, StructureMismatchError
 from ..graph.gradient_graph import GradientGraph, require_set_size
-from ..graph.ops import KIND_CODES, kernel_coords
+from ..graph.kinds import kind_of
 from .encoding import NodeEncoding, scale_normalize
 from .heads import GraphHead, NodeHead, ParamHead, mlp
-from .layers import NeuronBlock
+from .layers import NeuronBlock, kind_embedding
 from .layout import BatchLayout
 from .models import _check
 
@@ -208,7 +208,7 @@ class WeightSpaceGMN(nn.Module):
         self.pe = NodeEncoding(pe_dim)
         self.node_in = nn.Linear(3 * pe_dim + (d + 1) + 1, f)
         self.edge_in = nn.Linear((d + 1) + 2, f)
-        self.kind = nn.Embedding(len(KIND_CODES), f)
+        self.kind = kind_embedding(f)
         self.edge_mlps = nn.ModuleList(mlp(3 * f, f, f) for _ in range(num_layers))
         self.node_mlps = nn.ModuleList(mlp(3 * f, f, f) for _ in range(num_layers))
         self.edge_norms = nn.ModuleList(nn.LayerNorm(f) for _ in range(num_layers))
@@ -271,7 +271,5 @@ def _entry_coords(graph, layout) -> Tensor:
         for op in spec.ops:
             if spec.theta_range(op.weight) is None:
                 continue
-            n_in, n_out = spec.layers[op.in_layer].size, spec.layers[op.out_layer].size
-            n_edges = n_out if op.kind == "diag" else n_in * n_out
-            parts.append(kernel_coords(op).repeat(n_edges, 1))
+            parts.append(kind_of(op).kernel_coords(op).repeat(spec.op_edges(op), 1))
     return torch.cat(parts).to(graph.entry_x.device) if parts else graph.entry_x.new_zeros(0, 2)

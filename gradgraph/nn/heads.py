@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
-from ..graph.ops import KIND_CODES, kernel_coords
+from ..graph.kinds import kind_of
 from .encoding import RunningScale, raw_monomials
-from .layout import BatchLayout, StructureGroup, aligned_blocks
+from .layers import kind_embedding
+from .layout import BatchLayout
 
 
 def mlp(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
@@ -38,34 +39,8 @@ class GraphHead(nn.Module):
         return self.mlp(scatter(u, layout.node_graph, 0, dim_size=layout.num_graphs, reduce="mean"))
 
 
-def _bilinear(group: StructureGroup, op, phi: Tensor, psi: Tensor) -> tuple[Tensor, Tensor]:
-    """Two second-moment terms of an op, from per-entry features phi (out-neuron side) and psi (in-neuron side):
-
-    * paired: (1/b) sum_q phi_q(j) psi_q(i), the op's weight gradient with (phi, psi) in place of (g, a);
-    * factorized: ((1/b) sum_q phi_q(j)) ((1/b) sum_q psi_q(i)), the product of the two neurons' moments
-      (K-FAC-like: lower variance when the two sides are weakly correlated).
-
-    Both [G, n_out, n_in, K, C] ([G, n, 1, 1, C] for diag ops)."""
-    X_out, X_in, b = aligned_blocks(group, op, phi, psi)
-    out_mean = X_out.sum(1) / b  # [G, n_out, C]
-    if op.kind == "embedding":
-        X_tok, tokens = X_in
-        G, _, n_out, C = X_out.shape
-        V = group.spec.layers[op.in_layer].size
-        flat = (tokens + V * torch.arange(G, device=tokens.device)[:, None]).reshape(-1)
-        res = X_out.new_zeros(G * V, n_out, C).index_add_(0, flat, (X_out * X_tok[:, :, None, :]).reshape(-1, n_out, C))
-        paired = res.view(G, V, n_out, C).transpose(1, 2)[:, :, :, None, :] / b
-        in_mean = X_tok.new_zeros(G * V, C).index_add_(0, flat, X_tok.reshape(-1, C)).view(G, V, C) / b
-        return paired, out_mean[:, :, None, None, :] * in_mean[:, None, :, None, :]
-    if op.kind == "diag":
-        paired = (X_out * X_in[:, :, :, 0]).sum(1)[:, :, None, None, :] / b
-        return paired, (out_mean * X_in[:, :, :, 0].sum(1) / b)[:, :, None, None, :]
-    paired = torch.einsum("gqoc,gqikc->goikc", X_out, X_in) / b
-    return paired, out_mean[:, :, None, None, :] * (X_in.sum(1) / b)[:, None]
-
-
 class MomentTerms(nn.Module):
-    """Second-moment terms computed like weight gradients (see ``_bilinear``), for any parameter head.
+    """Second-moment terms computed like weight gradients (each op kind's ``moments``), for any parameter head.
 
     Per entry, ``phi = (R r) * (1 + H_phi h)`` (out-neuron side) and ``psi = (R' r) * (1 + H_psi h)`` (in-neuron
     side), where r = (a, g, a^2, g^2, a g, has_a, has_g) divided by its running RMS (``RunningScale``) and h
@@ -106,8 +81,9 @@ class MomentTerms(nn.Module):
                 self.bias_out.weight[:, self.INITS[init]] = 1.0
 
     def compute(self, layout: BatchLayout, h: Tensor) -> tuple[dict, dict]:
-        """The weight term of every (group, op) with trainable weights, [G, n_out, n_in, K, out] (diag:
-        [G, n, 1, 1, out]), and the bias term of every (group, op) with trainable biases, [G, n_out, out]."""
+        """The weight term of every (group, op) with trainable weights, in its kind's canonical layout
+        [G, n_out, n_in', K, out] (diag: [G, n, 1, 1, out]), and the bias term of every (group, op) with
+        trainable biases, [G, n_out, out]."""
         r = self.raw_scale(raw_monomials(layout.graph.entry_x.to(h.dtype), layout.graph.entry_mask))
         phi, psi = self.phi_r(r) * (1 + self.phi_h(h)), self.psi_r(r) * (1 + self.psi_h(h))
         # a bias is a weight on a constant input a = 1: its psi is that of the constant's monomials
@@ -117,7 +93,7 @@ class MomentTerms(nn.Module):
         for gi, group in enumerate(layout.groups):
             for k, op in enumerate(group.spec.ops):
                 if group.spec.theta_range(op.weight) is not None:
-                    pairs[gi, k] = _bilinear(group, op, phi, psi)
+                    pairs[gi, k] = kind_of(op).moments(group, op, phi, psi)
                 if group.spec.theta_range(op.bias) is not None:
                     lay = group.spec.layers[op.out_layer]
                     X = group.block(phi, lay, "g")
@@ -171,7 +147,7 @@ class ParamHead(nn.Module):
         self.out_channels = out_channels
         self.src, self.dst = nn.Linear(node_channels, hidden, bias=False), nn.Linear(node_channels, hidden)
         self.offset = nn.Linear(2, hidden, bias=False)
-        self.kind = nn.Embedding(len(KIND_CODES), hidden)
+        self.kind = kind_embedding(hidden)
         self.out = nn.Linear(hidden, out_channels)
         self.bias_node = nn.Linear(node_channels, hidden)
         self.bias_out = nn.Linear(hidden, out_channels)
@@ -190,14 +166,14 @@ class ParamHead(nn.Module):
             spec = group.spec
             for k, op in enumerate(spec.ops):
                 lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
-                kind = self.kind.weight[KIND_CODES[op.kind]]
+                op_kind = kind_of(op)
+                kind = self.kind.weight[op_kind.code]
                 u_out = group.nodes(u, lout)
                 tidx = group.theta_index(op)
                 if tidx is not None:
                     d = self.dst(u_out)[:, :, None, None]
-                    s = self.src(group.nodes(u, lin))
-                    s = s[:, :, None, None] if op.kind == "diag" else s[:, None, :, None]
-                    pre = d + s + self.offset(kernel_coords(op).to(u.device, u.dtype)) + kind
+                    s = op_kind.align_source(self.src(group.nodes(u, lin)))
+                    pre = d + s + self.offset(op_kind.kernel_coords(op).to(u.device, u.dtype)) + kind
                     if self.param_lin is not None:
                         pre = pre + self.param_lin(param_features[tidx])
                     val = self.out(F.gelu(pre)) + m_weights.get((gi, k), 0)
@@ -228,32 +204,17 @@ class PairwiseSetHead(nn.Module):
         self.out_channels, self.chunk = out_channels, chunk
         self.U, self.V = nn.Linear(channels, hidden), nn.Linear(channels, hidden, bias=False)
         self.offset = nn.Linear(2, hidden, bias=False)
-        self.kind = nn.Embedding(len(KIND_CODES), hidden)
+        self.kind = kind_embedding(hidden)
         self.out = nn.Linear(hidden, out_channels)
         self.bias_in = nn.Linear(channels, hidden)
         self.bias_out = nn.Linear(hidden, out_channels)
         self.moments = _moment_terms(channels, bilinear_channels, out_channels, moment_init, self.out, self.bias_out)
 
     def _pairs(self, group, op, xo: Tensor, xi: Tensor) -> Tensor:
-        X_out, X_in, b = aligned_blocks(group, op, xo, xi)
-        extra = self.offset(kernel_coords(op).to(xo.device, xo.dtype)) + self.kind.weight[KIND_CODES[op.kind]]
-        if op.kind == "embedding":
-            X_tok, tokens = X_in
-            G, Q, n_out, H = X_out.shape
-            V = group.spec.layers[op.in_layer].size
-            act = F.gelu(X_out + X_tok[:, :, None, :] + extra[0])
-            flat = (tokens + V * torch.arange(G, device=tokens.device)[:, None]).reshape(-1)
-            res = act.new_zeros(G * V, n_out, H).index_add_(0, flat, act.reshape(-1, n_out, H))
-            return res.view(G, V, n_out, H).transpose(1, 2)[:, :, :, None, :] / b
-        if op.kind == "diag":
-            return F.gelu(X_out + X_in[:, :, :, 0] + extra[0]).sum(1)[:, :, None, None, :] / b
-        G, Q, n_out, H = X_out.shape
-        _, _, n_in, K, _ = X_in.shape
-        step = max(1, self.chunk // max(G * n_out * n_in * K * H, 1))
-        acc = X_out.new_zeros(G, n_out, n_in, K, H)
-        for q in range(0, Q, step):  # chunks of the set keep the pairwise tensor bounded
-            acc = acc + F.gelu(X_out[:, q:q + step, :, None, None] + X_in[:, q:q + step, None] + extra).sum(1)
-        return acc / b
+        """(1/b) sum_q GELU(U x_q(j) + V x_q(i) + W_k pos(k) + e_kind), in the kind's canonical layout."""
+        kind = kind_of(op)
+        extra = self.offset(kind.kernel_coords(op).to(xo.device, xo.dtype)) + self.kind.weight[kind.code]
+        return kind.pairwise(group, op, xo, xi, F.gelu, extra, self.chunk)
 
     def forward(self, h: Tensor, layout: BatchLayout) -> Tensor:
         out = h.new_zeros(layout.num_params, self.out_channels)

@@ -7,9 +7,25 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter, to_dense_batch
 
+from ..graph.kinds import num_kinds
 from .layout import BatchLayout
 
 SET_POOLS = ("node", "layer", "sample", "graph")
+_GLOBAL_RNG_KINDS = 4  # linear, conv, diag, embedding: the kinds whose embedding rows come from the global RNG
+
+
+def kind_embedding(dim: int) -> nn.Embedding:
+    """A learned embedding of every registered op kind (row ``kind.code``): [num_kinds(), dim], N(0, 1) like
+    ``nn.Embedding``. The rows of the four original kinds are drawn from the global RNG exactly as
+    ``nn.Embedding(4, dim)`` drew them; the row of each later kind from its own generator (seeded by
+    ``torch.initial_seed()`` and its code), so registering a kind changes neither these rows nor the
+    initialization of any module built after this one (a seed keeps giving the same numbers)."""
+    weight = torch.empty(num_kinds(), dim)
+    nn.init.normal_(weight[:_GLOBAL_RNG_KINDS])
+    for code in range(_GLOBAL_RNG_KINDS, num_kinds()):
+        gen = torch.Generator().manual_seed((torch.initial_seed() * 1_000_003 + code) % 2**63)
+        weight[code].normal_(generator=gen)
+    return nn.Embedding(num_kinds(), dim, _weight=weight)
 
 
 class SetNeuronLayer(nn.Module):
@@ -99,7 +115,7 @@ class WeightMessages(MessagePassing):
         super().__init__(aggr="mean", node_dim=0)
         self.fwd = nn.Linear(in_channels, out_channels)
         self.bwd = nn.Linear(in_channels, out_channels)
-        self.kind = nn.Embedding(4, out_channels)
+        self.kind = kind_embedding(out_channels)
 
     def forward(self, u: Tensor, layout: BatchLayout) -> Tensor:
         g = layout.graph.materialize_edges()

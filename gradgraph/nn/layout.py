@@ -14,7 +14,7 @@ from torch import Tensor
 from torch_geometric.utils import scatter
 
 from ..graph.gradient_graph import GradientGraph
-from ..graph.ops import KINDS, conv_patches
+from ..graph.kinds import kind_of
 from ..graph.spec import GraphSpec, LayerSpec, OpSpec
 
 
@@ -75,13 +75,13 @@ class StructureGroup:
         return u.index_select(0, idx.reshape(-1)).view(self.size, layer.size, u.shape[-1])
 
     def theta_index(self, op: OpSpec) -> Tensor | None:
-        """Global theta rows of the op's weights in the canonical layout [G, n_out, n_in, K] (None if the
-        weight is frozen)."""
+        """Global theta rows of the op's weights in its kind's canonical layout [G, n_out, n_in', K] (None if
+        the weight is frozen)."""
         r = self.spec.theta_range(op.weight)
         if r is None:
             return None
         n_in, n_out = self.spec.layers[op.in_layer].size, self.spec.layers[op.out_layer].size
-        local = KINDS[op.kind].theta_index(op, n_in, n_out, r[0]).to(self._dev)
+        local = kind_of(op).theta_index(op, n_in, n_out, r[0]).to(self._dev)
         return self.theta_off.view(-1, 1, 1, 1) + local
 
     def bias_index(self, op: OpSpec) -> Tensor | None:
@@ -310,37 +310,3 @@ class BatchLayout:
             by_sig.setdefault(_signature(spec), []).append(gi)
         return [StructureGroup(self, self.specs[gis[0]], torch.tensor(gis, device=self.device))
                 for gis in by_sig.values()]
-
-
-def aligned_blocks(group: StructureGroup, op: OpSpec, h_out: Tensor, h_in: Tensor):
-    """Entry features of an op's output neurons and input neurons, aligned the way the op's weight gradient
-    pairs them (one product per aligned position ``q`` and kernel offset ``k``):
-
-    * ``X_out`` [G, Q, n_out, f_out]: the out-layer's g-entries;
-    * ``X_in`` [G, Q, n_in, K, f_in]: the in-layer's a-entries each output position sees (the same element for
-      linear and diag ops, the patch for convs, the whole map for a linear layer on a flattened map), or for an
-      embedding ``(X_tok [G, Q, f_in], tokens [G, Q])``.
-
-    Q is b x (positions per sample); sums over Q divided by b are per-sample means. With ``h_out = g`` and
-    ``h_in = a`` the sum over ``q`` of ``X_out X_in`` is the batch weight gradient."""
-    spec = group.spec
-    lin, lout = spec.layers[op.in_layer], spec.layers[op.out_layer]
-    G = group.size
-    X_out = group.block(h_out, lout, "g")
-    b = X_out.shape[1]
-    if op.kind == "embedding":
-        X_tok = group.block(h_in, lin, "a").reshape(G, -1, h_in.shape[-1])
-        return X_out.reshape(G, -1, lout.size, h_out.shape[-1]), (X_tok, group.tokens(lin).reshape(G, -1)), b
-    A = group.block(h_in, lin, "a")  # [G, b, *sp_in, n_in, f]
-    f_in = A.shape[-1]
-    if op.kind == "conv":
-        sp_in = A.shape[2:-2]
-        maps = A.movedim(-2, 2).movedim(-1, 3).reshape(G * b, lin.size * f_in, *sp_in)
-        patches = conv_patches(maps, op)  # [G*b, n_in*f*K, L]
-        K, L = op.entries_per_edge, patches.shape[-1]
-        X_in = patches.view(G, b, lin.size, f_in, K, L).permute(0, 1, 5, 2, 4, 3).reshape(G, b * L, lin.size, K, f_in)
-    elif op.kernel:  # linear on a flattened map
-        X_in = A.reshape(G, b, -1, lin.size, f_in).transpose(2, 3)
-    else:
-        X_in = A.reshape(G, -1, lin.size, 1, f_in)
-    return X_out.reshape(G, -1, lout.size, h_out.shape[-1]), X_in, b
