@@ -15,6 +15,7 @@ import typing
 from dataclasses import MISSING, fields, replace
 
 from .bench import BENCHMARKS
+from .errors import GradGraphError
 from .registry import load_object
 from .tasks import TASKS
 
@@ -178,7 +179,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except GradGraphError as e:  # a message written for the user: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def load_file(path: str | Path, kind: str, map_location=None, remedy: str = "del
         data = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise FileFormatError(f"{path} is not a gradgraph {kind} file of format {FORMAT_VERSION} (it may have been "
-                              f"written by an older gradgraph, which pickled its classes): {remedy}. "
-                              f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+                              f"written by an older gradgraph, which pickled its classes, or be damaged; "
+                              f"torch.load(weights_only=True) refused it with {type(e).__name__}): {remedy}") from e
     if not isinstance(data, dict) or data.get("format") != f"gradgraph.{kind}" or "payload" not in data:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise FileFormatError(f"{path} is not a gradgraph {kind} file (found {found!r}): {remedy}")

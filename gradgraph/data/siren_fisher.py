@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ..capture import capture
 from ..graph.gradient_graph import GradientGraph
-from ..io import atomic_save, atomic_write_text
+from ..graph.spec import GraphSpec
+from ..io import atomic_write_text, load_file, save_file
 from ..models import SIREN
 from .common import UniformBatcher, config_tag, default_root, item_seed, seeded
 
@@ -83,11 +84,11 @@ class SirenFisher(InMemoryDataset):
         self.chunk_size, self.progress = chunk_size, progress
         self.tag = config_tag(self.config)
         super().__init__(root or default_root("siren_fisher"), transform, log=False)
-        stored = torch.load(self.processed_paths[0], weights_only=False)
+        stored = load_file(self.processed_paths[0], "dataset", remedy="delete the file to regenerate the dataset")
         if stored["config"] != self.config:
             raise RuntimeError(f"{self.processed_paths[0]} holds a dataset with settings {stored['config']}, "
                                f"not {self.config}; delete the file to regenerate it")
-        self.spec = stored["spec"]
+        self.spec = GraphSpec.from_dict(stored["spec"])
         self.entry_x, self.y, self.std_est, self.p = stored["entry_x"], stored["y"], stored["std_est"], stored["p"]
         self._structure = None
 
@@ -114,7 +115,7 @@ class SirenFisher(InMemoryDataset):
         bar.update(n - sum(min(self.chunk_size, n - i * self.chunk_size) for i in missing))
         for i in missing:
             lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, n)
-            atomic_save(self._generate(range(lo, hi), bar), self.raw_paths[i])
+            save_file(self._generate(range(lo, hi), bar), self.raw_paths[i], "dataset-chunk")
         bar.close()
 
     def _generate(self, indices, bar) -> dict:
@@ -130,16 +131,16 @@ class SirenFisher(InMemoryDataset):
             ps.append(p)
             spec = graph.spec
             bar.update(1)
-        return {"spec": spec, "entry_x": torch.stack(entry_x), "y": torch.stack(ys), "std_est": torch.stack(stds),
-                "p": torch.tensor(ps)}
+        return {"spec": spec.to_dict(), "entry_x": torch.stack(entry_x), "y": torch.stack(ys),
+                "std_est": torch.stack(stds), "p": torch.tensor(ps)}
 
     def process(self) -> None:
         raw_paths = self.raw_paths
-        chunks = [torch.load(path, weights_only=False) for path in raw_paths]
+        chunks = [load_file(path, "dataset-chunk", remedy="delete it to regenerate the chunk") for path in raw_paths]
         data = {"config": self.config, "spec": chunks[0]["spec"]}
         for key in ("entry_x", "y", "std_est", "p"):
             data[key] = torch.cat([c[key] for c in chunks])
-        atomic_save(data, self.processed_paths[0])
+        save_file(data, self.processed_paths[0], "dataset")
         atomic_write_text(README, Path(self.root) / "README.md")
         for path in raw_paths:  # everything is in the processed file now
             os.remove(path)
