@@ -90,3 +90,15 @@ def test_fast_batches_equal_pyg_batches(tmp_path):
             if isinstance(s[key], torch.Tensor):
                 assert torch.equal(f[key], s[key]), key
         assert [g.model_id.item() for g in f.to_data_list()] == [g.model_id.item() for g in s.to_data_list()]
+
+
+def test_files_are_plain_versioned_data_and_old_files_get_a_clear_error(tmp_path):
+    from gradgraph.errors import FileFormatError
+    from gradgraph.io import load_file
+
+    ds = SirenFisher(tmp_path / "v", **SMALL)
+    stored = load_file(ds.processed_paths[0], "dataset")  # torch.load(weights_only=True) inside
+    assert isinstance(stored["spec"], dict) and stored["config"] == ds.config
+    torch.save({"config": ds.config, "spec": ds.spec, "y": ds.y}, ds.processed_paths[0])  # the old pickled layout
+    with pytest.raises(FileFormatError, match="siren_fisher_.*pt.*delete the file to regenerate the dataset"):
+        SirenFisher(tmp_path / "v", **SMALL)
