@@ -4,7 +4,8 @@
     graph.per_sample_grads()                          # {name: [b, *shape]}, rebuilt from the graph
     s = gradgraph.random_symmetry(model)              # a neuron permutation that preserves the function
 """
-from .capture import GradientRecorder, capture, register_rule, supported_modules
+from .api import GradientRecorder, capture, random_symmetry
+from .capture import register_rule, supported_modules
 from .errors import (
                      GradGraphError,
                      LossShapeError,
@@ -14,7 +15,7 @@ from .errors import (
                      StructureMismatchError,
                      UnsupportedModuleError,
 )
-from .graph import GradientGraph, Symmetry, apply_symmetry, random_symmetry
+from .graph import GradientGraph, Symmetry, apply_symmetry
 
 __version__ = "0.1.0"
 
