@@ -20,12 +20,6 @@ class ParamRef:
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
 
-    @property
-    def slice_shape(self) -> tuple[int, ...]:
-        if self.rows is None:
-            return self.shape
-        return (self.rows[1] - self.rows[0],) + self.shape[1:]
-
 
 @dataclass
 class InSite:
