@@ -5,7 +5,7 @@
     s = gradgraph.random_symmetry(model)              # a neuron permutation that preserves the function
 """
 from .api import GradientRecorder, capture, random_symmetry
-from .capture import register_rule, supported_modules
+from .capture import register_glue, register_rule, supported_modules
 from .errors import (
                      GradGraphError,
                      LossShapeError,
@@ -19,6 +19,7 @@ from .graph import GradientGraph, Symmetry, apply_symmetry
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "GradientRecorder", "GradientGraph", "register_rule", "supported_modules", "random_symmetry",
-           "apply_symmetry", "Symmetry", "GradGraphError", "UnsupportedModuleError", "SampleMixingError",
-           "NonFiniteGradientError", "LossShapeError", "SetSizeMismatchError", "StructureMismatchError"]
+__all__ = ["capture", "GradientRecorder", "GradientGraph", "register_rule", "register_glue", "supported_modules",
+           "random_symmetry", "apply_symmetry", "Symmetry", "GradGraphError", "UnsupportedModuleError",
+           "SampleMixingError", "NonFiniteGradientError", "LossShapeError", "SetSizeMismatchError",
+           "StructureMismatchError"]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteGradientError
-from .tracer import SpaceTable
+from .spaces import SpaceTable
 
 
 @dataclass

@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_flatten
 from ..errors import GradGraphError, SampleMixingError, UnsupportedModuleError
 from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef
 from .rules import find_rule, supported_modules
-from .tracer import DataflowTracer, Label, SpaceTable
+from .spaces import SpaceTable
+from .tracer import DataflowTracer, Label
 
 _MISSING = object()
 
