@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
@@ -108,6 +109,10 @@ _IGNORED = {
 # ignored ops whose raw name is already normalized (no trailing in-place "_"): skipped before any other work
 _PASS_THROUGH = frozenset(n for n in _IGNORED if not (n.endswith("_") and not n.endswith("__")))
 
+# the transposing properties (x.T, x.mT, ...) reach the mode as their descriptor's __get__, like a shape read:
+# they are ops, named by the property (handlers register "T", "mT", "H", "mH")
+_PROPERTY_OPS = {vars(torch._C.TensorBase)[n]: n for n in ("T", "mT", "H", "mH") if n in vars(torch._C.TensorBase)}
+
 
 def _normalize_name(func) -> tuple[str, bool]:
     """The op name without dunders, reflected 'r' or in-place markers, and whether it is in-place."""
@@ -178,14 +183,19 @@ class DataflowTracer(TorchFunctionMode):
     # -- dispatch ---------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._suspended or getattr(func, "__name__", None) in _PASS_THROUGH:
+        if self._suspended:
+            return func(*args, **kwargs)
+        raw = getattr(func, "__name__", None)
+        if raw in _PASS_THROUGH and (raw != "__get__" or getattr(func, "__self__", None) not in _PROPERTY_OPS):
             return func(*args, **kwargs)  # most calls are attribute reads (Tensor.shape.__get__ & co.)
         ins = _tensors(args, kwargs)
         labeled = [(t, self._labels[id(t)]) for t in ins if id(t) in self._labels]
         if not labeled:
             return func(*args, **kwargs)
         name, inplace = _normalize_name(func)
-        if name in _IGNORED:
+        if name == "__get__":
+            name = _PROPERTY_OPS[func.__self__]
+        elif name in _IGNORED:
             return func(*args, **kwargs)
         if kwargs.get("inplace") is True:
             inplace = True

@@ -9,7 +9,7 @@ import torch
 
 from ..tracer import GlueCall, Label, register_glue
 
-PERMUTE = {"transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "t"}
+PERMUTE = {"transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "t", "T", "mT", "H", "mH"}
 RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 EXPAND = {"expand", "expand_as", "broadcast_to"}
 SPLIT = {"split": 2, "split_with_sizes": 2, "chunk": 2, "tensor_split": 2, "unbind": 1}  # op -> position of dim
