@@ -228,7 +228,8 @@ class DataflowTracer(TorchFunctionMode):
         hidden = [lab for _, lab in labeled if lab.space is not None]
         why = f"reaches op '{call.name}', which gradgraph cannot prove equivariant"
         if call.name not in _GLUE:
-            why += f" (teach the tracer with gradgraph.capture.register_glue('{call.name}'))"
+            why += (f" (teach it to the tracer: from gradgraph.capture import register_glue; "
+                    f"@register_glue('{call.name}'), see docs/capture.md)")
         for lab in hidden:
             self.spaces.fix(lab.space, why)
         if not hidden:  # derived from the inputs only: still input data, layout unknown
