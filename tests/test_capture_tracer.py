@@ -197,6 +197,10 @@ def test_unbind_along_neurons_fixes_the_space():
     m, x = Unbind().double(), torch.randn(3, 3, dtype=D)
     spaces = _spaces(m, x)
     assert not spaces["a.out"].permutable and "unbind" in spaces["a.out"].reason
+    s = gradgraph.random_symmetry(m, example_inputs=x)
+    assert _preserves(m, s, x)
+    s.perms["a.out"] = torch.tensor([1, 0])  # negative: u and v play different roles
+    assert not _preserves(m, s, x)
 
 
 # -- matmul / @ / bmm / einsum ----------------------------------------------------------------------------
