@@ -186,7 +186,7 @@ class DataflowTracer(TorchFunctionMode):
         if self._suspended:
             return func(*args, **kwargs)
         raw = getattr(func, "__name__", None)
-        if raw in _PASS_THROUGH and (raw != "__get__" or getattr(func, "__self__", None) not in _PROPERTY_OPS):
+        if raw in _PASS_THROUGH and (raw != "__get__" or func.__self__ not in _PROPERTY_OPS):
             return func(*args, **kwargs)  # most calls are attribute reads (Tensor.shape.__get__ & co.)
         ins = _tensors(args, kwargs)
         labeled = [(t, self._labels[id(t)]) for t in ins if id(t) in self._labels]
@@ -211,8 +211,10 @@ class DataflowTracer(TorchFunctionMode):
     def _propagate(self, call: GlueCall) -> None:
         handler = _GLUE.get(call.name)
         lab = handler(self, call) if handler is not None else self.unknown(call)
-        pairs = zip(call.outputs, lab) if isinstance(lab, list) else ((call.outputs[0], lab),)
-        for o, lb in pairs:
+        if lab.__class__ is Label:  # the common case: one label for the first output
+            self.set_label(call.outputs[0], lab)
+            return
+        for o, lb in zip(call.outputs, lab) if isinstance(lab, list) else ((call.outputs[0], lab),):
             if lb is not None:
                 self.set_label(o, lb)
             elif id(o) in self._labels and any(t is o for t, _ in call.labeled):
