@@ -4,7 +4,8 @@
     graph.per_sample_grads()                          # {name: [b, *shape]}, rebuilt from the graph
     s = gradgraph.random_symmetry(model)              # a neuron permutation that preserves the function
 """
-from .capture import GradientRecorder, capture, register_rule, supported_modules
+from .api import GradientRecorder, capture, random_symmetry
+from .capture import register_glue, register_rule, supported_modules
 from .errors import (
                      GradGraphError,
                      LossShapeError,
@@ -14,10 +15,11 @@ from .errors import (
                      StructureMismatchError,
                      UnsupportedModuleError,
 )
-from .graph import GradientGraph, Symmetry, apply_symmetry, random_symmetry
+from .graph import GradientGraph, Symmetry, apply_symmetry
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "GradientRecorder", "GradientGraph", "register_rule", "supported_modules", "random_symmetry",
-           "apply_symmetry", "Symmetry", "GradGraphError", "UnsupportedModuleError", "SampleMixingError",
-           "NonFiniteGradientError", "LossShapeError", "SetSizeMismatchError", "StructureMismatchError"]
+__all__ = ["capture", "GradientRecorder", "GradientGraph", "register_rule", "register_glue", "supported_modules",
+           "random_symmetry", "apply_symmetry", "Symmetry", "GradGraphError", "UnsupportedModuleError",
+           "SampleMixingError", "NonFiniteGradientError", "LossShapeError", "SetSizeMismatchError",
+           "StructureMismatchError"]

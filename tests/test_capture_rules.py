@@ -1,4 +1,6 @@
 """Rules for individual module types: outputs unchanged, per-sample gradients exact, odd configurations."""
+import copy
+
 import pytest
 import torch
 from conftest import assert_tensors_close
@@ -7,6 +9,7 @@ from torch import nn
 import gradgraph
 from gradgraph import oracle
 from gradgraph.capture import CaptureSession, supported_modules
+from gradgraph.capture.rules import find_rule
 from gradgraph.losses import per_sample_mse
 
 D = torch.float64
@@ -103,6 +106,7 @@ def test_batchnorm_eval_moves_running_stats_with_the_channels():
     g = gradgraph.capture(m, x, y, per_sample_mse)
     assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, per_sample_mse))
     s = gradgraph.random_symmetry(g, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(s.perms["0.out"], torch.arange(3)), "the draw must move the BatchNorm channels"
     torch.testing.assert_close(gradgraph.apply_symmetry(m, s)(x), m(x))
 
 
@@ -110,3 +114,102 @@ def test_supported_modules_lists_the_registry():
     names = supported_modules()
     for n in ("Linear", "Conv1d", "Conv2d", "LayerNorm", "Embedding", "MultiheadAttention", "BatchNorm2d"):
         assert n in names
+
+
+# -- user rules: the worked example of docs/capture.md ------------------------------------------------------
+class PackedMLP(nn.Module):
+    """Two linear maps d -> d -> d whose weights and biases are packed into one parameter each."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+        self.weight = nn.Parameter(torch.randn(2 * d, d) / d ** 0.5)
+        self.bias = nn.Parameter(torch.randn(2 * d) / 10)
+
+    def forward(self, x):
+        d = self.d
+        h = torch.tanh(nn.functional.linear(x, self.weight[:d], self.bias[:d]))
+        return nn.functional.linear(h, self.weight[d:], self.bias[d:])
+
+
+class ScaleNorm(nn.Module):
+    """RMS normalization with a per-feature gain."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d) + torch.randn(d) / 10)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+@gradgraph.register_rule(PackedMLP)
+def packed_mlp_rule(ctx, m, x):
+    d = m.d
+    h = torch.tanh(ctx.linear(x, ctx.rows(m.weight, 0, d), ctx.rows(m.bias, 0, d), name="first"))
+    return ctx.linear(h, ctx.rows(m.weight, d, 2 * d), ctx.rows(m.bias, d, 2 * d), name="second")
+
+
+@gradgraph.register_rule(ScaleNorm)
+def scale_norm_rule(ctx, m, x):
+    with ctx.tracer.suspend():  # the normalization is glue; the diag op sees its result as the activation
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps)
+    return ctx.diag(x, x_hat, m.weight, axis=-1)
+
+
+def _custom_model():
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Linear(3, 4), PackedMLP(4), ScaleNorm(4), nn.ReLU(), nn.Linear(4, 2)).double()
+    return m, torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D)
+
+
+def test_user_rules_compute_the_module_and_its_per_sample_gradients():
+    m, x, y = _custom_model()
+    with CaptureSession(m) as session:
+        out = m(x)
+    torch.testing.assert_close(out, m(x))  # the rules compute what the modules compute
+    del session
+    g = gradgraph.capture(m, x, y, per_sample_mse)
+    assert [op.name for op in g.spec.ops] == ["0", "1:first", "1:second", "2", "4"]
+    assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, per_sample_mse))
+
+
+def _moving(m, x):
+    for k in range(50):
+        s = gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(k), example_inputs=x)
+        if not torch.equal(s.perms["1:first.out"], torch.arange(4)):
+            return s
+    raise AssertionError("no draw moved the hidden space of the packed module")
+
+
+def test_user_rules_find_the_symmetry_and_a_broken_coupling_is_detected():
+    m, x, _ = _custom_model()
+    s = _moving(m, x)
+    assert not s.is_identity()
+    torch.testing.assert_close(gradgraph.apply_symmetry(m, s)(x), m(x))
+    # negative: permute the rows of the first half but not the columns of the second half it feeds
+    moved = gradgraph.apply_symmetry({n: p.detach() for n, p in m.named_parameters()}, s)
+    moved["1.weight"][4:] = moved["1.weight"][4:][:, torch.argsort(s.perms["1:first.out"])]
+    broken = copy.deepcopy(m)
+    with torch.no_grad():
+        for n, p in broken.named_parameters():
+            p.copy_(moved[n])
+    assert not torch.allclose(broken(x), m(x), atol=1e-6)
+
+
+def test_a_subclass_uses_its_parents_rule_unless_it_overrides_forward():
+    class Renamed(PackedMLP):
+        pass
+
+    class Doubled(PackedMLP):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert find_rule(Renamed(2)) is packed_mlp_rule and find_rule(Doubled(2)) is None
+    torch.manual_seed(6)
+    m, x, y = nn.Sequential(Renamed(3), nn.Tanh()).double(), torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D)
+    g = gradgraph.capture(m, x, y, per_sample_mse)
+    assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, per_sample_mse))
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=r"register_rule\(Doubled\)"):
+        gradgraph.capture(Doubled(3), torch.randn(4, 3))

@@ -6,6 +6,7 @@ from conftest import assert_tensors_close, reference_per_sample_grads
 from torch import nn
 
 import gradgraph
+from gradgraph.graph import random_symmetry as graph_random_symmetry
 from gradgraph.graph.ops import KINDS
 from gradgraph.models import GPT
 
@@ -21,7 +22,7 @@ def _drawn(case, seed=0):
         s = gradgraph.random_symmetry(case.model, generator=g, example_inputs=case.inputs)
         if not s.is_identity():
             return s
-    return s
+    raise AssertionError(f"{case.name}: 50 draws were all the identity; a test on it would check nothing")
 
 
 @pytest.mark.parametrize("family,seed", ALL_CASES)
@@ -37,6 +38,7 @@ def test_symmetry_preserves_the_function(family, seed):
 def test_capture_commutes_with_symmetry(family, seed):
     c = make(family, seed)
     s = _drawn(c, seed + 1)
+    assert not s.is_identity()
     graph = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
     permuted = gradgraph.capture(gradgraph.apply_symmetry(c.model, s), c.inputs, c.targets, c.loss_fn)
     torch.testing.assert_close(permuted.entry_x, gradgraph.apply_symmetry(graph, s).entry_x, rtol=1e-9, atol=1e-10)
@@ -63,6 +65,7 @@ def test_broken_coupling_is_detected(family):
     function and breaks the capture property, so the two tests above can fail."""
     c = make(family, 0)
     s = _drawn(c, 3)
+    assert not s.is_identity()
     spec = s.spec
     # an op whose input space is permutable and actually moved
     k = next(i for i, op in enumerate(spec.ops) if op.kind in ("linear", "conv")
@@ -108,6 +111,7 @@ def test_spaces_the_tracer_cannot_prove_are_fixed(cls, fixed, free):
     m = cls().double()
     x = torch.randn(4, 3, dtype=torch.float64)
     s = gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(1), example_inputs=x)
+    assert not torch.equal(s.perms[free], torch.arange(4)), "the draw must move the free space"
     spaces = {sp.key: sp for sp in s.spec.spaces}
     assert not spaces[fixed].permutable and spaces[fixed].reason
     assert spaces[free].permutable
@@ -139,9 +143,11 @@ def test_single_head_attention_keeps_its_symmetry():
 def test_symmetry_acts_on_per_sample_gradients_and_channels():
     c = make("cnn", 1)
     s = _drawn(c)
+    assert not s.is_identity()
     psg = reference_per_sample_grads(c.model, c.inputs, c.targets, c.loss_fn)
     stacked = {k: torch.stack([v, 2 * v], -1) for k, v in psg.items()}  # a trailing channel dim
     once = gradgraph.apply_symmetry(stacked, s, batch_dims=1)
+    assert any(not torch.equal(once[k], stacked[k]) for k in psg)  # the symmetry moved some gradients
     for k in psg:
         torch.testing.assert_close(once[k][..., 1], 2 * once[k][..., 0])
     back = gradgraph.apply_symmetry(once, s.inverse(), batch_dims=1)
@@ -152,6 +158,7 @@ def test_symmetry_acts_on_per_sample_gradients_and_channels():
 def test_symmetry_of_a_different_model_is_refused():
     a, b = make("mlp", 0), make("cnn", 0)
     s = _drawn(a)
+    assert not s.is_identity()
     with pytest.raises(gradgraph.StructureMismatchError):
         gradgraph.apply_symmetry(gradgraph.capture(b.model, b.inputs, b.targets, b.loss_fn), s)
     with pytest.raises(gradgraph.StructureMismatchError):
@@ -166,4 +173,15 @@ def test_random_symmetry_needs_inputs_for_a_plain_module():
 def test_same_generator_seed_same_symmetry():
     c = make("gpt", 1)
     s1, s2 = _drawn(c, 5), _drawn(c, 5)
+    assert not s1.is_identity()
     assert all(torch.equal(s1.perms[k], s2.perms[k]) for k in s1.perms)
+
+
+def test_the_graph_stage_refuses_a_module_and_points_to_the_top_level():
+    """graph/ does not trace modules (that is capture's job): gradgraph.random_symmetry does."""
+    c = make("mlp", 0)
+    with pytest.raises(TypeError, match=r"gradgraph\.random_symmetry"):
+        graph_random_symmetry(c.model)
+    spec = gradgraph.random_symmetry(c.model, example_inputs=c.inputs).spec
+    s = graph_random_symmetry(spec, generator=torch.Generator().manual_seed(0))
+    assert not s.is_identity() and s.spec is spec

@@ -26,6 +26,7 @@ def _graphs(family, seed=1):
         s = gradgraph.random_symmetry(g, generator=torch.Generator().manual_seed(100 * seed + k))
         if not s.is_identity():
             break
+    assert not s.is_identity(), f"{family}: 20 draws were all the identity; the equivariance check would be vacuous"
     g_sym = gradgraph.capture(gradgraph.apply_symmetry(c.model, s), c.inputs, c.targets, c.loss_fn)
     return g, g_perm, s, g_sym
 

@@ -50,7 +50,7 @@ def test_every_model_trains_one_epoch(tmp_path, dataset, name):
 
 
 def test_models_are_about_15k_parameters():
-    from gradgraph.capture import capture
+    from gradgraph.api import capture
     from gradgraph.data.siren_fisher import make_model
 
     model, _, x, _ = make_model(0, 0, num_points=128, num_fisher_points=1)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteGradientError
-from .tracer import SpaceTable
+from .spaces import SpaceTable
 
 
 @dataclass
@@ -19,12 +19,6 @@ class ParamRef:
     name: str
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
-
-    @property
-    def slice_shape(self) -> tuple[int, ...]:
-        if self.rows is None:
-            return self.shape
-        return (self.rows[1] - self.rows[0],) + self.shape[1:]
 
 
 @dataclass

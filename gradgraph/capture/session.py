@@ -20,7 +20,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import GradGraphError, SampleMixingError, UnsupportedModuleError
 from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef
-from .tracer import DataflowTracer, Label, SpaceTable
+from .rules import find_rule, supported_modules
+from .spaces import SpaceTable
+from .tracer import DataflowTracer, Label
 
 _MISSING = object()
 
@@ -60,8 +62,6 @@ class CaptureSession:
     """
 
     def __init__(self, model: nn.Module, use_hooks: bool = False) -> None:
-        from .rules import find_rule, supported_modules
-
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradgraph needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -82,7 +82,7 @@ class CaptureSession:
                     f"module '{path or '<root>'}' ({cls.__module__}.{cls.__qualname__}) has trainable parameters "
                     f"{trainable} but no capture rule, so its gradient cannot be represented. Supported modules: "
                     f"{', '.join(supported_modules())}. Write a rule with @gradgraph.register_rule("
-                    f"{cls.__name__}) (see gradgraph.capture.rules), compose the module from supported ones, or "
+                    f"{cls.__name__}) (see docs/capture.md), compose the module from supported ones, or "
                     "freeze these parameters with requires_grad_(False).")
             if rule is not None:
                 self._rules.append((path, module, rule))

@@ -28,7 +28,7 @@ import torch
 from torch_geometric.data import InMemoryDataset
 from tqdm.auto import tqdm
 
-from ..capture import capture
+from ..api import capture
 from ..graph.gradient_graph import GradientGraph
 from ..graph.spec import GraphSpec
 from ..io import atomic_write_text, load_file, save_file

@@ -12,6 +12,7 @@ import torch
 
 from ..capture.records import CaptureRecords, InSite, OutSite
 from ..errors import NonFiniteGradientError, UnsupportedModuleError
+from .gradient_graph import GradientGraph
 from .spec import BlockSpec, GraphSpec, LayerSpec, OpSpec, ParamSpec, ParamUse, SpaceSpec
 
 
@@ -192,8 +193,6 @@ def build_graph(rec: CaptureRecords):
     is); only then are the sites searched for the culprit (:meth:`CaptureRecords.check_finite`), so the
     error names the op.
     """
-    from .gradient_graph import GradientGraph
-
     spec, layer_sites = build_spec(rec)
     dtype = rec.dtype or torch.get_default_dtype()
     device = next((s.a.device for s, _ in layer_sites if s is not None), None)

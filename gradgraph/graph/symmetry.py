@@ -41,30 +41,24 @@ class Symmetry:
         return all(torch.equal(p, torch.arange(p.numel())) for p in self.perms.values())
 
 
-def _spec_of(obj, example_inputs=None) -> GraphSpec:
+def _spec_of(obj) -> GraphSpec:
     if isinstance(obj, GradientGraph):
         obj._single("random_symmetry")
         return obj.spec
     if isinstance(obj, GraphSpec):
         return obj
-    if isinstance(obj, nn.Module):
-        from ..capture import model_spec
-
-        if example_inputs is None:
-            if not hasattr(obj, "example_inputs"):
-                raise ValueError(
-                    f"random_symmetry needs the structure of {type(obj).__name__}: pass example_inputs=<a batch> "
-                    "(or a GradientGraph captured from the model); gradgraph's reference models provide "
-                    "example_inputs() themselves")
-            example_inputs = obj.example_inputs()
-        return model_spec(obj, example_inputs)
-    raise TypeError(f"random_symmetry takes an nn.Module, a GradientGraph or a GraphSpec, got {type(obj).__name__}")
+    if isinstance(obj, nn.Module):  # tracing a module is capture's job: gradgraph.api composes the two
+        raise TypeError(f"gradgraph.graph.symmetry.random_symmetry takes a GradientGraph or a GraphSpec, got the "
+                        f"module {type(obj).__name__}; use gradgraph.random_symmetry(model, example_inputs=...), "
+                        "which traces the module first")
+    raise TypeError(f"random_symmetry takes a GradientGraph or a GraphSpec (or, through gradgraph.random_symmetry, "
+                    f"an nn.Module), got {type(obj).__name__}")
 
 
-def random_symmetry(obj, generator: torch.Generator | None = None, example_inputs=None) -> Symmetry:
-    """Draw a uniformly random element of the neuron-permutation group of a model (traced on
-    ``example_inputs`` or ``model.example_inputs()``), of a GradientGraph's model, or of a GraphSpec."""
-    spec = _spec_of(obj, example_inputs)
+def random_symmetry(obj, generator: torch.Generator | None = None) -> Symmetry:
+    """Draw a uniformly random element of the neuron-permutation group of a GradientGraph's model or of a
+    GraphSpec (for an ``nn.Module`` use :func:`gradgraph.random_symmetry`, which traces it)."""
+    spec = _spec_of(obj)
     perms: dict[str, Tensor] = {}
     head_perm: dict[int, Tensor] = {}
     for s in spec.spaces:

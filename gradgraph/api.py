@@ -1,5 +1,12 @@
-"""The user-facing ways to get a gradient graph: :func:`capture` (one call) and :class:`GradientRecorder`
-(inside an existing training loop)."""
+"""The user-facing entry points that compose stage 1 (capture: :class:`~gradgraph.capture.CaptureSession`
+and its records) with stage 2 (graph: :func:`~gradgraph.graph.build.build_graph`,
+:func:`~gradgraph.graph.build.build_spec`): :func:`capture` (one call), :class:`GradientRecorder` (inside
+an existing training loop), :func:`model_spec` (structure only) and :func:`random_symmetry` (of a module,
+a graph or a spec).
+
+They live here, above both stages, so that the data flow runs one way: ``capture/`` never imports
+``graph/``; ``graph/`` reads capture's records.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -7,8 +14,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import LossShapeError
-from .session import CaptureSession
+from .capture import CaptureSession
+from .errors import LossShapeError
+from .graph import symmetry as _symmetry
+from .graph.build import build_graph, build_spec
+from .graph.gradient_graph import GradientGraph
+from .graph.spec import GraphSpec
+
+__all__ = ["capture", "GradientRecorder", "model_spec", "per_sample_losses", "random_symmetry"]
 
 
 def _call_args(inputs) -> tuple[tuple, dict]:
@@ -38,7 +51,7 @@ def per_sample_losses(output, targets, loss_fn: Callable | None, batch_size: int
     return losses
 
 
-def capture(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None):
+def capture(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None) -> GradientGraph:
     """Run one forward and one backward pass of ``model`` on a batch and return its
     :class:`~gradgraph.GradientGraph`.
 
@@ -63,21 +76,33 @@ def capture(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = N
     with torch.enable_grad():
         losses = per_sample_losses(output, targets, loss_fn, session.batch_size)
         session.collect_grads(losses.sum())
-    from ..graph.build import build_graph
-
     return build_graph(session.records())
 
 
-def model_spec(model: nn.Module, example_inputs):
+def model_spec(model: nn.Module, example_inputs) -> GraphSpec:
     """The :class:`~gradgraph.graph.spec.GraphSpec` (structure only) of ``model`` on inputs shaped like
     ``example_inputs``: a forward pass, no backward."""
-    from ..graph.build import build_spec
-
     args, kwargs = _call_args(example_inputs)
     session = CaptureSession(model, use_hooks=False)
     with session:
         model(*args, **kwargs)
     return build_spec(session.records(structure_only=True))[0]
+
+
+def random_symmetry(obj, generator: torch.Generator | None = None, example_inputs=None) -> _symmetry.Symmetry:
+    """Draw a uniformly random element of the neuron-permutation group of a model (traced with
+    :func:`model_spec` on ``example_inputs`` or ``model.example_inputs()``), of a GradientGraph's model, or
+    of a GraphSpec. See :func:`gradgraph.graph.symmetry.random_symmetry` for the group."""
+    if isinstance(obj, nn.Module):
+        if example_inputs is None:
+            if not hasattr(obj, "example_inputs"):
+                raise ValueError(
+                    f"random_symmetry needs the structure of {type(obj).__name__}: pass example_inputs=<a batch> "
+                    "(or a GradientGraph captured from the model); gradgraph's reference models provide "
+                    "example_inputs() themselves")
+            example_inputs = obj.example_inputs()
+        obj = model_spec(obj, example_inputs)
+    return _symmetry.random_symmetry(obj, generator)
 
 
 class GradientRecorder:
@@ -107,10 +132,8 @@ class GradientRecorder:
     def __exit__(self, *exc) -> None:
         self._session.__exit__(*exc)
 
-    def graph(self, grad_scale: float = 1.0):
+    def graph(self, grad_scale: float = 1.0) -> GradientGraph:
         """The recorded graph; ``grad_scale`` multiplies every ``g`` (``b`` for a mean-reduced loss)."""
         if self._session is None:
             raise RuntimeError("use GradientRecorder as a context manager around one forward and backward pass")
-        from ..graph.build import build_graph
-
         return build_graph(self._session.records(grad_scale=grad_scale))

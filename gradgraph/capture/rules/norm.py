@@ -1,0 +1,38 @@
+"""Rules for LayerNorm and eval-mode BatchNorm: the normalization is glue (computed outside the tracer),
+the affine part a ``diag`` op."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import SampleMixingError, UnsupportedModuleError
+from .registry import register_rule
+
+
+@register_rule(nn.LayerNorm)
+def layer_norm_rule(ctx, m: nn.LayerNorm, input):
+    if not m.elementwise_affine:
+        return F.layer_norm(input, m.normalized_shape, None, None, m.eps)
+    if len(m.normalized_shape) != 1:
+        raise UnsupportedModuleError(
+            f"module '{ctx.path}' (LayerNorm) normalizes over {tuple(m.normalized_shape)}; gradgraph supports "
+            "LayerNorm over the last dimension only (normalized_shape=(d,)).")
+    with ctx.tracer.suspend():
+        x_hat = F.layer_norm(input, m.normalized_shape, None, None, m.eps)
+    return ctx.diag(input, x_hat, m.weight, m.bias, axis=-1)
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def batch_norm_rule(ctx, m: nn.modules.batchnorm._BatchNorm, input):
+    if m.training or m.running_mean is None:
+        raise SampleMixingError(
+            f"module '{ctx.path}' ({type(m).__name__}) normalizes with the statistics of the current batch "
+            "(training mode or track_running_stats=False), so every sample's output depends on the other samples "
+            "and per-sample gradients are not defined. Call model.eval() first (running statistics are then "
+            "fixed per channel), or use LayerNorm/GroupNorm.")
+    with ctx.tracer.suspend():
+        x_hat = F.batch_norm(input, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+    if not m.affine:
+        raise UnsupportedModuleError(f"module '{ctx.path}' ({type(m).__name__}) has affine=False; gradgraph "
+                                     "supports eval-mode BatchNorm with affine parameters")
+    return ctx.diag(input, x_hat, m.weight, m.bias, axis=1, buffers=(m.running_mean, m.running_var))
