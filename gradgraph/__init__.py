@@ -3,23 +3,63 @@
     graph = gradgraph.capture(model, x, y, loss_fn)   # neurons as nodes, per-sample (a, g) as features
     graph.per_sample_grads()                          # {name: [b, *shape]}, rebuilt from the graph
     s = gradgraph.random_symmetry(model)              # a neuron permutation that preserves the function
+
+The public names are loaded when first used (PEP 562), so ``import gradgraph`` and ``gradgraph --help`` do
+not import torch; ``gradgraph.errors`` is loaded at once (plain Python).
 """
-from .api import GradientRecorder, capture, random_symmetry
-from .capture import register_glue, register_rule, supported_modules
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 from .errors import (
-                     GradGraphError,
-                     LossShapeError,
-                     NonFiniteGradientError,
-                     SampleMixingError,
-                     SetSizeMismatchError,
-                     StructureMismatchError,
-                     UnsupportedModuleError,
+    FileFormatError,
+    GradGraphError,
+    LossShapeError,
+    NonFiniteGradientError,
+    SampleMixingError,
+    SetSizeMismatchError,
+    StructureMismatchError,
+    UnknownNameError,
+    UnsupportedModuleError,
 )
-from .graph import GradientGraph, Symmetry, apply_symmetry
 
 __version__ = "0.1.0"
 
-__all__ = ["capture", "GradientRecorder", "GradientGraph", "register_rule", "register_glue", "supported_modules",
-           "random_symmetry", "apply_symmetry", "Symmetry", "GradGraphError", "UnsupportedModuleError",
-           "SampleMixingError", "NonFiniteGradientError", "LossShapeError", "SetSizeMismatchError",
-           "StructureMismatchError"]
+_LAZY = {
+    "capture": "api", "GradientRecorder": "api", "model_spec": "api", "random_symmetry": "api",
+    "register_rule": "capture", "register_glue": "capture", "supported_modules": "capture",
+    "GradientGraph": "graph", "Symmetry": "graph", "apply_symmetry": "graph",
+}
+
+__all__ = [*_LAZY, "GradGraphError", "UnsupportedModuleError", "SampleMixingError", "NonFiniteGradientError",
+           "LossShapeError", "SetSizeMismatchError", "StructureMismatchError", "UnknownNameError",
+           "FileFormatError"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # cached: later lookups do not come here
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """``gradgraph.capture`` names the function (the public API) and also a subpackage (stage 1). Importing the
+    subpackage makes Python set the package attribute ``capture`` to it; this keeps that one attribute for the
+    function (the subpackage stays importable as ``gradgraph.capture.<module>`` / ``from gradgraph.capture
+    import ...``, which go through ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name == "capture" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -97,7 +97,7 @@ def _load_model(name: str, seed: int):
 def cmd_inspect(args) -> int:
     import torch
 
-    from . import capture
+    from .api import capture
 
     model, inputs, targets, loss_fn = _load_model(args.model, args.seed)
     gen = torch.Generator().manual_seed(args.seed)

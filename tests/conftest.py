@@ -10,18 +10,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gradgraph.oracle import per_sample_grads  # noqa: E402
-
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported first
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("MPLBACKEND", "Agg")
 # torch.func has no batching rule for CPU flash attention: a slow fallback, results are exact
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-
-
-# The oracle lives in the package (gradgraph.oracle); this alias only serves test files not yet switched to it
-# (tests/test_graph_symmetry.py). New tests import gradgraph.oracle directly.
-reference_per_sample_grads = per_sample_grads
 
 
 def assert_tensors_close(got: dict, want: dict, rtol=1e-6):

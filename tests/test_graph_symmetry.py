@@ -2,12 +2,13 @@
 import pytest
 import torch
 from cases import ALL_CASES, make
-from conftest import assert_tensors_close, reference_per_sample_grads
+from conftest import assert_tensors_close
 from torch import nn
 
 import gradgraph
+from gradgraph import oracle
 from gradgraph.graph import random_symmetry as graph_random_symmetry
-from gradgraph.graph.ops import KINDS
+from gradgraph.graph.kinds import KINDS
 from gradgraph.models import GPT
 
 
@@ -144,7 +145,7 @@ def test_symmetry_acts_on_per_sample_gradients_and_channels():
     c = make("cnn", 1)
     s = _drawn(c)
     assert not s.is_identity()
-    psg = reference_per_sample_grads(c.model, c.inputs, c.targets, c.loss_fn)
+    psg = oracle.per_sample_grads(c.model, c.inputs, c.targets, c.loss_fn)
     stacked = {k: torch.stack([v, 2 * v], -1) for k, v in psg.items()}  # a trailing channel dim
     once = gradgraph.apply_symmetry(stacked, s, batch_dims=1)
     assert any(not torch.equal(once[k], stacked[k]) for k in psg)  # the symmetry moved some gradients
