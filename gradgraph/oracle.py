@@ -23,6 +23,7 @@ __all__ = ["per_sample_grads", "grads", "fisher_diagonal", "make_per_sample_grad
 
 
 def _call_args(inputs) -> tuple[tuple, dict]:
+    # the input convention of gradgraph.capture, restated here: the reference shares no code with what it checks
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):

@@ -303,12 +303,9 @@ class DiagKind(OpKind):
         return s[:, :, None, None]
 
 
-@register_kind
-class EmbeddingKind(OpKind):
-    """Lookup ``y = W[id]`` with W [n_in = vocabulary, n_out]: the in-nodes are vocabulary entries, whose
-    ``a`` is a one-hot block (token ids)."""
-
-    name = "embedding"
+class _InputMajor(OpKind):
+    """Shared by kinds whose weight is stored input-major, W [n_in, n_out] (an embedding table, a transposed
+    linear): the theta order of the edges and of the canonical layout."""
 
     def edges(self, op: OpSpec, n_in: int, n_out: int, theta_start: int):
         src = torch.arange(n_in).repeat_interleave(n_out)
@@ -316,8 +313,16 @@ class EmbeddingKind(OpKind):
         return src, dst, theta_start + (src * n_out + dst)[:, None]
 
     def theta_index(self, op: OpSpec, n_in: int, n_out: int, theta_start: int) -> Tensor:
-        """W is [n_in, n_out]: canonical (j, i) is theta row i * n_out + j. [n_out, n_in, 1]."""
+        """Canonical (j, i) is theta row i * n_out + j: [n_out, n_in, 1]."""
         return theta_start + torch.arange(n_in)[None, :, None] * n_out + torch.arange(n_out)[:, None, None]
+
+
+@register_kind
+class EmbeddingKind(_InputMajor):
+    """Lookup ``y = W[id]`` with W [n_in = vocabulary, n_out]: the in-nodes are vocabulary entries, whose
+    ``a`` is a one-hot block (token ids)."""
+
+    name = "embedding"
 
     def per_sample_grad(self, op: OpSpec, A: Tensor, G: Tensor, n_in: int, n_out: int) -> Tensor:
         """``A`` holds token ids [b, *spatial]: [b, vocabulary, n_out]."""
@@ -354,21 +359,12 @@ class EmbeddingKind(OpKind):
 
 
 @register_kind
-class TransposedLinearKind(OpKind):
+class TransposedLinearKind(_InputMajor):
     """``y = x W + b`` with W stored transposed, [n_in, n_out] (Hugging Face ``Conv1D``): the same function,
     edges and canonical layout as ``linear``; only the theta order and the axes the permutations act on
     differ."""
 
     name = "transposed_linear"
-
-    def edges(self, op: OpSpec, n_in: int, n_out: int, theta_start: int):
-        src = torch.arange(n_in).repeat_interleave(n_out)
-        dst = torch.arange(n_out).repeat(n_in)
-        return src, dst, theta_start + (src * n_out + dst)[:, None]
-
-    def theta_index(self, op: OpSpec, n_in: int, n_out: int, theta_start: int) -> Tensor:
-        """Canonical (j, i) is theta row i * n_out + j: [n_out, n_in, 1]."""
-        return theta_start + torch.arange(n_in)[None, :, None] * n_out + torch.arange(n_out)[:, None, None]
 
     def per_sample_grad(self, op: OpSpec, A: Tensor, G: Tensor, n_in: int, n_out: int) -> Tensor:
         """[b, n_in, n_out]: sum over the sample's elements of a_e g_e^T."""
