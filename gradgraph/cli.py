@@ -136,7 +136,8 @@ def cmd_train(args) -> int:
         cfg = replace(cfg, device=device)
         metrics = train(task_cls(cfg, progress=not args.quiet), progress=not args.quiet)
         if is_main():
-            print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "config")}, indent=1))
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}  # not per-model lists
+            print(json.dumps(scalars, indent=1))
             print(f"run folder: {cfg.run_dir}")
     return 0
 

@@ -20,8 +20,8 @@ BENCHMARKS = Registry("benchmark")
 BENCHMARKS.register("capture", "gradgraph.bench:capture",
                     help="Capture speed and memory, side by side with the per-sample-gradient libraries.")
 BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
-                    help="Curvature estimation: every model over training-set sizes and seeds, against the standard "
-                         "estimator.")
+                    help="Curvature estimation: every model over training sizes and seeds, against S and calibrated "
+                         "estimators.")
 BENCHMARKS.register("metanet", "gradgraph.bench:metanet",
                     help="Metanetwork cost: GradMetaNet (and GradMetaNet++) against the weight-space baseline on "
                          "per-sample gradients.")

@@ -32,13 +32,24 @@ CURVATURE_MODELS: dict[str, tuple[str, dict]] = {
 @dataclass
 class CurvatureConfig(TrainConfig):
     """Predict the Fisher diagonal of a SIREN from a set of its gradients (paper Sec. 5.1). The defaults are
-    the paper's protocol: 2,000 training models, Adam lr 1e-3, batch 32, 100 epochs, best-validation weights."""
+    the paper's protocol (2,000 training models, Adam lr 1e-3, batch 32, 100 epochs, best-validation weights)
+    with positive outputs and a metric that sees every layer; ``--output z --loss z --select mse`` is the
+    paper's setting exactly."""
 
     model: str = option("gradmetanet", "the metanetwork or baseline", choices=list(CURVATURE_MODELS))
     train_size: int = option(2000, "training models (the first N of the training pool)")
     num_models: int = option(3000, "dataset size (500 test, 500 validation, the rest the training pool)")
     num_points: int = option(128, "gradients per graph (the set size)")
     data_seed: int = option(0, "seed of the generated dataset")
+    output: str = option("positive", "'positive': the model predicts h per parameter and the estimate is "
+                         "S * exp(h), S the standard estimator (never <= 0); 'z': the paper's unconstrained output "
+                         "in globally z-scored units", choices=["positive", "z"])
+    loss: str = option("normalized", "training loss: 'normalized' (each parameter tensor's squared error over the "
+                       "mean square of its training targets, averaged over tensors), 'log' (squared log-ratio), "
+                       "'z' (the paper's globally z-scored squared error)", choices=["normalized", "log", "z"])
+    select: str = option("nmse", "validation metric for early stopping and the best checkpoint: 'nmse' (per-tensor "
+                         "normalized), 'logratio' or 'mse' (the paper's z-scored)",
+                         choices=["nmse", "logratio", "mse"])
     dataset_root: str | None = option(None, "dataset folder (default $GRADGRAPH_DATASETS/siren_fisher or "
                                       "datasets/siren_fisher)", identity=False)
     out_dir: str = option("runs/curvature", "parent folder of the run folder", identity=False)

@@ -20,12 +20,12 @@ from ..data.siren_fisher import SirenFisher
 from ..errors import UnknownNameError
 from ..nn import calibrate_scales
 from ..nn.registry import METANETWORKS
-from ..train.distributed import all_sum, main_first, world
+from ..train.distributed import all_sum_tensor, main_first, world
 from ..train.loop import Task, train
 from .configs import CURVATURE_MODELS, CurvatureConfig
+from .curvature_metrics import METRICS, CurvatureMetrics
 
-__all__ = ["CurvatureTask", "CurvatureConfig", "MODELS", "build_model", "train_curvature", "evaluate",
-           "OutputAffine"]
+__all__ = ["CurvatureTask", "CurvatureConfig", "MODELS", "build_model", "train_curvature", "OutputAffine"]
 
 MODELS = tuple(CURVATURE_MODELS)
 CALIBRATION_GRAPHS = 256  # training graphs used to set the frozen input/moment scales
@@ -33,9 +33,10 @@ CALIBRATION_GRAPHS = 256  # training graphs used to set the frozen input/moment 
 
 class OutputAffine(nn.Module):
     """``scale * net(graph) + shift``: the last-layer initialization every curvature model gets, a least-squares
-    fit of the untrained model's outputs to the z-scored training targets on the calibration batches (the same
-    for every model, so the comparison stays fair; it matters for models whose outputs start at another scale,
-    such as GradMetaNet's moment terms)."""
+    fit of the untrained model's outputs to the training targets (in the units of the task's output: log-ratios
+    to the standard estimator, or z-scores) on the calibration batches. The same for every model, so the
+    comparison stays fair; it matters for models whose outputs start at another scale, such as GradMetaNet's
+    moment terms."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -47,11 +48,12 @@ class OutputAffine(nn.Module):
         return self.scale * self.net(graph) + self.shift
 
     @torch.no_grad()
-    def fit(self, batches, mu: float, sigma: float) -> None:
+    def fit(self, batches, target) -> None:
+        """``target(batch)`` [G * P]: what the output should be."""
         preds, targets = [], []
         for batch in batches:
             preds.append(self.net(batch).reshape(-1).double())
-            targets.append(((batch.y - mu) / sigma).reshape(-1).double())
+            targets.append(target(batch).reshape(-1).double())
         p, t = torch.cat(preds), torch.cat(targets)
         p_c, t_c = p - p.mean(), t - t.mean()
         var = float(p_c.pow(2).sum())
@@ -60,12 +62,33 @@ class OutputAffine(nn.Module):
         self.shift.fill_(float(t.mean()) - scale * float(p.mean()))
 
 
-def build_model(name: str, set_size: int, example_graph=None) -> nn.Module:
-    """The curvature model ``name`` (see :data:`gradgraph.tasks.configs.CURVATURE_MODELS`)."""
+def build_model(name: str, set_size: int, example_graph=None, param_features: int = 0) -> nn.Module:
+    """The curvature model ``name`` (see :data:`gradgraph.tasks.configs.CURVATURE_MODELS`); ``param_features``
+    per-parameter input channels for the models that take them (GradMetaNet's parameter head)."""
     if name not in CURVATURE_MODELS:
         raise UnknownNameError(f"unknown curvature model {name!r}: choose one of {', '.join(MODELS)}")
     metanet, hyper = CURVATURE_MODELS[name]
+    if param_features and metanet == "gradmetanet":
+        hyper = {**hyper, "param_features": param_features}
     return METANETWORKS.build(metanet, example_graph=example_graph, set_size=set_size, **hyper)
+
+
+class LogStandardFeatures(nn.Module):
+    """Feeds GradMetaNet's parameter head, per parameter, the log of the standard estimator S and of its mean
+    over the parameter's tensor in the same model (both read from the graph's own gradients): the per-parameter
+    statistics a log-scale correction of S needs, on a scale the head can use. [G * P, 2]."""
+
+    def __init__(self, net: nn.Module, metrics: CurvatureMetrics) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("tensor_of", metrics.tensor_of.clone(), persistent=False)
+        self.register_buffer("sizes", metrics.sizes.clone(), persistent=False)
+
+    def forward(self, graph):
+        S = graph.std_est.view(graph.num_graphs, -1).double().clamp_min(1e-30)
+        mean = S.new_zeros(S.shape[0], self.sizes.numel()).index_add_(1, self.tensor_of, S) / self.sizes
+        feats = torch.stack([S.log(), mean.log()[:, self.tensor_of]], -1) / 10
+        return self.net(graph, feats.reshape(-1, 2).to(graph.entry_x.dtype))
 
 
 def _batches(dataset, indices: list[int], batch_size: int):
@@ -75,24 +98,6 @@ def _batches(dataset, indices: list[int], batch_size: int):
     return DataLoader(dataset[indices], batch_size=batch_size, shuffle=False)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset, indices: list[int], batch_size: int, mu: float, sigma: float,
-             device: str = "cpu", predictions=None) -> dict[str, float]:
-    """Mean squared and absolute error in z units over every parameter of the graphs ``indices`` (sharded
-    across ranks under torch.distributed). ``predictions`` overrides the model with a function of the batch
-    (the standard estimator)."""
-    rank, size = world()
-    model.eval()
-    sse = sae = n = 0.0
-    for batch in _batches(dataset, indices[rank::size], batch_size):
-        batch = batch.to(device)
-        pred = predictions(batch) if predictions is not None else model(batch).squeeze(-1)
-        diff = pred.float() - (batch.y.float() - mu) / sigma
-        sse, sae, n = sse + float(diff.pow(2).sum()), sae + float(diff.abs().sum()), n + diff.numel()
-    sse, sae, n = all_sum([sse, sae, n])
-    return {"mse": sse / n, "mae": sae / n}
-
-
 def load_dataset(cfg: CurvatureConfig, progress: bool = True) -> SirenFisher:
     """The run's dataset (generated if needed; under torch.distributed rank 0 generates, the others wait)."""
     with main_first():
@@ -100,11 +105,14 @@ def load_dataset(cfg: CurvatureConfig, progress: bool = True) -> SirenFisher:
                            seed=cfg.data_seed, progress=progress and world()[0] == 0)
 
 
-class CurvatureTask(Task):
-    """Regress the z-scored Fisher diagonal of every parameter (loss: squared error per parameter)."""
+MAX_LOG_RATIO = 30.0  # |h| is clamped before exp: an untrained model cannot overflow float32
 
-    loss_name = "mse"
-    monitor = "mse"
+
+class CurvatureTask(Task):
+    """Regress the Fisher diagonal of every parameter. With ``output="positive"`` the model predicts
+    ``h`` and the estimate is ``S * exp(h)`` (S the standard estimator of the same gradients, so the model
+    starts near S and learns a log-correction; the estimate is positive by construction); with ``"z"`` it
+    predicts the globally z-scored target directly (the paper). Metrics: :mod:`.curvature_metrics`."""
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -115,6 +123,10 @@ class CurvatureTask(Task):
         self.mu = float(y_train.mean())
         sigma = float(y_train.std()) if len(self.split["train"]) > 1 else 1.0
         self.sigma = sigma if sigma > 0 else 1.0
+        sizes = [(p.name, p.numel) for p in self.data.spec.trainable]
+        self.metrics = CurvatureMetrics(sizes, y_train, self.mu, self.sigma)
+        self.loss_name = {"normalized": "nmse", "log": "logsq", "z": "mse"}[cfg.loss]
+        self.monitor = cfg.select
 
     def train_items(self) -> list[int]:
         return self.split["train"]
@@ -124,7 +136,26 @@ class CurvatureTask(Task):
 
     def build_model(self) -> nn.Module:
         example = self.data[self.split["train"][0]]
-        return OutputAffine(build_model(self.cfg.model, self.data.config["num_points"], example_graph=example))
+        log_features = self.cfg.output == "positive" and CURVATURE_MODELS[self.cfg.model][0] == "gradmetanet"
+        net = build_model(self.cfg.model, self.data.config["num_points"], example, param_features=2 * log_features)
+        return OutputAffine(LogStandardFeatures(net, self.metrics) if log_features else net)
+
+    def _standard(self, batch) -> torch.Tensor:
+        return batch.std_est.view(batch.num_graphs, -1)
+
+    def predict(self, model: nn.Module, batch) -> torch.Tensor:
+        """Fisher-diagonal estimates [G, P] in the targets' units."""
+        out = model(batch).reshape(batch.num_graphs, -1)
+        if self.cfg.output == "z":
+            return out * self.sigma + self.mu
+        s = self._standard(batch).to(out.dtype).clamp_min(1e-30)
+        return s * torch.exp(out.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+    def _fit_target(self, batch) -> torch.Tensor:
+        y = batch.y.view(batch.num_graphs, -1)
+        if self.cfg.output == "z":
+            return (y - self.mu) / self.sigma
+        return torch.log(y.clamp_min(1e-30) / self._standard(batch).clamp_min(1e-30))
 
     def initialize(self, model: OutputAffine) -> None:
         """Input/moment scales from the first training graphs (no targets; then frozen), then the output affine.
@@ -132,25 +163,53 @@ class CurvatureTask(Task):
         calib, bs, dev = self.split["train"][:CALIBRATION_GRAPHS], self.cfg.batch_size, self.cfg.device
         calibrate_scales(model.net, (b.to(dev) for b in _batches(self.data, calib, bs)))
         model.net.eval()  # the frozen scales make eval and train agree; eval for the fit
-        model.fit((b.to(dev) for b in _batches(self.data, calib, bs)), self.mu, self.sigma)
+        model.fit((b.to(dev) for b in _batches(self.data, calib, bs)), self._fit_target)
         model.train()
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        sq = (model(batch).squeeze(-1) - (batch.y - self.mu) / self.sigma).pow(2)
-        return sq.sum(), sq.numel()
+        y = batch.y.view(batch.num_graphs, -1)
+        return self.metrics.loss(self.predict(model, batch), y, self.cfg.loss), batch.num_graphs
 
-    def evaluate(self, model: nn.Module, split: str, predictions=None) -> dict[str, float]:
-        return evaluate(model, self.data, self.split[split], self.cfg.batch_size, self.mu, self.sigma,
-                        self.cfg.device, predictions)
+    @torch.no_grad()
+    def per_model(self, model: nn.Module | None, split: str) -> dict[str, torch.Tensor]:
+        """Per-model metrics over a split (see CurvatureMetrics.per_model); ``model=None``: the standard
+        estimator. Sharded across ranks under torch.distributed, then summed."""
+        rank, size = world()
+        items = self.split[split]
+        if model is not None:
+            model.eval()
+        parts: dict[str, torch.Tensor] = {}
+        mine = list(range(rank, len(items), size))
+        for start in range(0, len(mine), self.cfg.batch_size):
+            rows = mine[start:start + self.cfg.batch_size]
+            batch = self.batch([items[r] for r in rows])
+            pred = self._standard(batch) if model is None else self.predict(model, batch)
+            for k, v in self.metrics.per_model(pred, batch.y.view(batch.num_graphs, -1)).items():
+                if k not in parts:
+                    parts[k] = torch.zeros((len(items),) + v.shape[1:], dtype=torch.float64)
+                parts[k][rows] = v.cpu()
+        if not parts:  # this rank had no items: still join the sums with zeros of the right shapes
+            T = len(self.metrics.names)
+            parts = {k: torch.zeros((len(items), T) if k in ("nmse", "logratio", "nonpos") else (len(items),),
+                                    dtype=torch.float64) for k in METRICS}
+        return {k: all_sum_tensor(v) for k, v in parts.items()}
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        return CurvatureMetrics.summarize(self.per_model(model, split))
 
     def final_metrics(self, model: nn.Module) -> dict:
-        test = self.evaluate(model, "test")
-        standard = self.evaluate(model, "test", predictions=lambda b: (b.std_est - self.mu) / self.sigma)
-        return {"test_mse": test["mse"], "test_mae": test["mae"],
-                "standard_test_mse": standard["mse"], "standard_test_mae": standard["mae"],
-                "improvement_mse": 1 - test["mse"] / standard["mse"],
-                "improvement_mae": 1 - test["mae"] / standard["mae"],
-                "target_mean": self.mu, "target_std": self.sigma}
+        """Test metrics of the model and of the standard estimator, overall and per tensor, with the per-model
+        values the benchmark's paired bootstrap needs (``test_per_model``, ``standard_per_model``)."""
+        names = self.metrics.names
+        ours, std = self.per_model(model, "test"), self.per_model(None, "test")
+        out = {f"test_{k}": v for k, v in CurvatureMetrics.summarize(ours, names).items()}
+        out.update({f"standard_test_{k}": v for k, v in CurvatureMetrics.summarize(std, names).items()})
+        for k in ("mse", "mae", "nmse", "logratio"):
+            out[f"improvement_{k}"] = 1 - out[f"test_{k}"] / out[f"standard_test_{k}"]
+        out.update({"tensors": names, "target_mean": self.mu, "target_std": self.sigma,
+                    "test_per_model": {k: v.tolist() for k, v in ours.items()},
+                    "standard_per_model": {k: v.tolist() for k, v in std.items()}})
+        return out
 
 
 def train_curvature(cfg: CurvatureConfig, dataset: SirenFisher | None = None, progress: bool = True,

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["world", "is_main", "all_sum", "barrier", "main_first", "launched_by_torchrun", "process_group",
-           "wrap"]
+__all__ = ["world", "is_main", "all_sum", "all_sum_tensor", "barrier", "main_first", "launched_by_torchrun",
+           "process_group", "wrap"]
 
 
 def world() -> tuple[int, int]:
@@ -35,6 +35,16 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over all ranks (``t`` itself without a group); e.g. per-item results
+    that each rank filled for its own shard of the items, zeros elsewhere."""
+    if world()[1] == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def barrier() -> None:
