@@ -151,3 +151,16 @@ def test_lopt_problem_runs_and_resumes(variant):
     other.load_state_dict(saved)
     other.step()
     assert torch.equal(pes.theta, other.theta) and pes.history == other.history
+
+
+def test_meta_train_cli_writes_and_resumes(tmp_path, capsys):
+    from gradgraph.cli import main
+    from gradgraph.io import load_file
+
+    argv = ["meta-train", "--pairs", "1", "--truncation", "2", "--horizon", "3", "--out", str(tmp_path), "--quiet"]
+    assert main(argv + ["--steps", "1"]) == 0
+    assert main(argv + ["--steps", "2"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert load_file(tmp_path / "checkpoint.pt", "pes-checkpoint")["pes"]["meta_step"] == 2
+    assert load_file(tmp_path / "rule.pt", "lopt-rule")["variant"] == "ds"
+    assert (tmp_path / "curve.png").stat().st_size > 0
