@@ -142,6 +142,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_meta_train(args) -> int:
+    """PES meta-training of a learned optimizer (gradgraph.optim.metatrain)."""
+    from .optim.metatrain import run
+
+    return run(args)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the benchmark named in ``argv`` (if any) has its options loaded."""
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
@@ -162,6 +169,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_config_arguments(t, config_cls)
         t.add_argument("--quiet", action="store_true", help="no progress bars")
         t.set_defaults(func=cmd_train, config_cls=config_cls)
+
+    m = sub.add_parser("meta-train", help="meta-train a learned optimizer with PES (resumable)",
+                       formatter_class=_Formatter)
+    m.add_argument("--task", default="digits-mlp", help="digits-mlp | digits-mlp-w64 | text-gpt")
+    m.add_argument("--variant", default="ds", help="sgdm | ds | ds+gradmetanet")
+    m.add_argument("--steps", type=int, default=100, help="meta-steps to reach (counting resumed ones)")
+    m.add_argument("--pairs", type=int, default=16, help="antithetic pairs (2x particles)")
+    m.add_argument("--truncation", type=int, default=50, help="inner steps per meta-step (K)")
+    m.add_argument("--horizon", type=int, help="inner horizon T (default: the task's)")
+    m.add_argument("--sigma", type=float, default=0.01, help="PES perturbation scale")
+    m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the meta-parameters")
+    m.add_argument("--seed", type=int, default=0, help="seed of the meta-parameters and of PES")
+    m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")
+    m.add_argument("--save-every", type=int, default=10, help="meta-steps between checkpoints")
+    m.add_argument("--threads", type=int, default=1, help="torch threads")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_meta_train)
 
     bench = sub.add_parser("bench", help="run a benchmark and write its markdown table")
     benches = bench.add_subparsers(dest="benchmark", required=True)

@@ -34,7 +34,7 @@ print(sorted(m for m in sys.modules if m.startswith("gradgraph.")))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
-    assert [ln.split(" | ")[0] for ln in lines[:-1]] == ["capture", "curvature", "metanet"]
+    assert [ln.split(" | ")[0] for ln in lines[:-1]] == ["capture", "curvature", "lopt-step", "metanet"]
     assert all(ln.split(" | ")[1] for ln in lines[:-1])
     assert lines[-1] == "['gradgraph.bench', 'gradgraph.errors', 'gradgraph.registry']"
 
@@ -42,7 +42,7 @@ print(sorted(m for m in sys.modules if m.startswith("gradgraph.")))
 @pytest.mark.parametrize("name", BENCHMARKS.names())
 def test_every_benchmark_module_has_its_entry_points(name):
     module = BENCHMARKS.get(name)
-    assert module.__name__ == f"gradgraph.bench.{name}"
+    assert module.__name__ == f"gradgraph.bench.{name.replace('-', '_')}"
     assert callable(module.add_arguments) and callable(module.run)
     # the help text given at registration is the module docstring's first line (kept in sync by this test)
     assert BENCHMARKS.help(name) == module.__doc__.strip().splitlines()[0]

@@ -22,6 +22,9 @@ BENCHMARKS.register("capture", "gradgraph.bench:capture",
 BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
                     help="Curvature estimation: every model over training sizes and seeds, against S and calibrated "
                          "estimators.")
+BENCHMARKS.register("lopt-step", "gradgraph.bench:lopt_step",
+                    help="Learned-optimizer step cost: Adam, sgdm, ds and ds+gradmetanet per step, each beside its "
+                         "FLOP floor.")
 BENCHMARKS.register("metanet", "gradgraph.bench:metanet",
                     help="Metanetwork cost: GradMetaNet (and GradMetaNet++) against the weight-space baseline on "
                          "per-sample gradients.")
@@ -29,7 +32,7 @@ BENCHMARKS.register("metanet", "gradgraph.bench:metanet",
 
 def __getattr__(name: str):
     """``gradgraph.bench.<benchmark>`` imports that benchmark's module on first access (PEP 562)."""
-    if name in BENCHMARKS:
+    if name.replace("_", "-") in BENCHMARKS:  # "lopt-step" lives in lopt_step.py
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

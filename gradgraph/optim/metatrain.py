@@ -1,0 +1,83 @@
+"""``gradgraph meta-train``: PES meta-training of a learned-optimizer variant on a task, resumable.
+
+The run folder holds ``checkpoint.pt`` (the whole PES state, inner runs included, written atomically with
+:func:`gradgraph.io.save_file` every ``--save-every`` meta-steps and at the end: a stopped run resumes exactly
+where it stopped), ``rule.pt`` (the variant, its constructor arguments and its meta-parameters: what a shipped
+checkpoint will be), ``curve.png`` (the meta-loss per meta-step) and the accumulated process time.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.utils import vector_to_parameters
+
+from ..io import load_file, save_file
+from ..train.loop import progress_bar
+from .meta import PES, LOptProblem, PESConfig
+from .tasks import OPT_TASKS
+from .variants import VARIANTS
+
+__all__ = ["run", "save_curve"]
+
+
+def save_curve(history: list[float], path: Path, title: str) -> None:
+    import matplotlib  # plotting is optional at import time
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history, lw=0.8)
+    if len(history) >= 20:
+        k = max(len(history) // 50, 5)
+        smooth = torch.tensor(history).unfold(0, k, 1).mean(1)
+        ax.plot(range(k - 1, len(history)), smooth, lw=2)
+    ax.set(xlabel="meta-step", ylabel="mean training loss (PES)", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = OPT_TASKS.build(args.task)
+    torch.manual_seed(args.seed)
+    rule = VARIANTS.build(args.variant)
+    problem = LOptProblem(task, rule, horizon=args.horizon)
+    cfg = PESConfig(pairs=args.pairs, truncation=args.truncation, sigma=args.sigma, lr=args.lr, seed=args.seed)
+    pes = PES(problem, problem.theta0(), cfg)
+    ckpt, spent = out / "checkpoint.pt", 0.0
+    if ckpt.exists():
+        saved = load_file(ckpt, "pes-checkpoint", remedy="delete the run folder to start over")
+        if saved["task"] != args.task or saved["variant"] != args.variant or saved["horizon"] != problem.horizon:
+            raise ValueError(f"{ckpt} is a run of {saved['variant']} on {saved['task']} (horizon {saved['horizon']}); "
+                             "use another --out folder")
+        pes.load_state_dict(saved["pes"])
+        spent = float(saved["process_seconds"])
+        print(f"resumed {ckpt} at meta-step {pes.meta_step} ({spent / 3600:.2f} core-hours so far)")
+
+    def save() -> None:
+        vector_to_parameters(pes.theta.detach().float(), rule.parameters())
+        save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": pes.state_dict(),
+                   "process_seconds": spent}, ckpt, "pes-checkpoint")
+        save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
+                   "meta_steps": pes.meta_step}, out / "rule.pt", "lopt-rule")
+        save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)")
+
+    bar = progress_bar(range(pes.meta_step, args.steps), enabled=not args.quiet, initial=pes.meta_step,
+                       total=args.steps, desc="meta-train")
+    for i in bar:
+        t0 = time.process_time()
+        loss = pes.step()
+        spent += time.process_time() - t0
+        bar.set_postfix(meta_loss=f"{loss:.4f}")
+        if (i + 1) % args.save_every == 0:
+            save()
+    save()
+    print(f"{pes.meta_step} meta-steps, last meta-loss {pes.history[-1] if pes.history else float('nan'):.4f}, "
+          f"{spent / 3600:.3f} core-hours in all; run folder {out}")
+    return 0

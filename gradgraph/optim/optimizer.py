@@ -1,0 +1,231 @@
+"""``LearnedOptimizer``: a learned optimizer as an ordinary ``torch.optim.Optimizer``.
+
+    opt = gradgraph.optim.LearnedOptimizer(model, variant="ds+gradmetanet")
+    for x, y in loader:
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)        # mean over the batch (loss_reduction="mean")
+            loss.backward()
+            return loss
+        opt.step(closure)                              # records the step's per-sample (a, g) itself
+
+    # or, without a closure:
+    with opt.record():
+        loss = F.cross_entropy(model(x), y); loss.backward()
+    opt.step()
+
+**Loss reduction and gradient scale.** Momenta and the update use ``p.grad`` exactly as your backward left it
+(like SGD: a sum-reduced loss takes b-times larger steps). The gradient graph holds each sample's own
+gradient: with ``loss_reduction="mean"`` (default) every recorded ``g`` is multiplied by the batch size b
+(``GradientRecorder``'s ``grad_scale``), with ``"sum"`` by 1. GradMetaNet's inputs are normalised per layer,
+so only the relative scale across samples matters, but a wrong reduction changes the pooled-neuron averages.
+
+**State.** Per parameter: ``momenta`` [*shape, 6] (the feature EMAs) and ``momentum`` [*shape] (the update's
+m_mu); optimizer-wide under the key ``"lopt"``: ``step`` and ``node_avg`` (the pooled-neuron averages of
+``ds+gradmetanet``). ``state_dict()`` also holds the meta-parameters (``"meta"``), so model + optimizer state
+resume a run exactly. Param groups take ``lr``, a multiplier of the learned alpha (default 1.0; schedulers
+work on it). Parameters whose ``.grad`` is None are stepped with a zero gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import CaptureSession
+from ..errors import GradGraphError
+from ..graph.build import build_graph
+from .features import DECAYS, segments, unf_features, update_momenta
+from .variants import NODE_DECAYS, VARIANTS, LearnedRule, param_neurons
+
+__all__ = ["LearnedOptimizer", "RecordError"]
+
+REDUCTIONS = ("mean", "sum")
+
+
+class RecordError(GradGraphError):
+    """A graph variant stepped without this step's recorded per-sample gradients."""
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """A learned optimizer (see the module docstring for the update, the state and the loss reduction).
+
+    Args:
+        model_or_params: an ``nn.Module`` (needed by graph variants: its trainable parameters are optimised and
+            its forward is recorded) or an iterable of parameters / param-group dicts (non-graph variants).
+        variant: a name in :data:`gradgraph.optim.VARIANTS` (``sgdm``, ``ds``, ``ds+gradmetanet``).
+        meta: the meta-parameters: a :class:`LearnedRule` of that variant (shared, not copied: meta-training
+            perturbs it), or None for the variant's fresh initialisation (an untrained variant is SGDM with
+            alpha = 0.1, mu = 0.9).
+        lr: default multiplier of alpha for every param group.
+        loss_reduction: ``"mean"`` or ``"sum"``, how your loss reduces over the batch (sets the graph's scale).
+        **variant_kwargs: passed to the variant's constructor when ``meta`` is None.
+    """
+
+    def __init__(self, model_or_params, variant: str = "ds", meta: LearnedRule | None = None, lr: float = 1.0,
+                 loss_reduction: str = "mean", **variant_kwargs) -> None:
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        params = ([p for p in self.model.parameters() if p.requires_grad] if self.model is not None
+                  else model_or_params)
+        super().__init__(params, {"lr": lr})
+        if meta is None:
+            meta = VARIANTS.build(variant, **variant_kwargs)
+        elif variant_kwargs:
+            raise ValueError(f"pass either meta= or variant keyword arguments {sorted(variant_kwargs)}, not both")
+        if not isinstance(meta, LearnedRule) or meta.variant != variant:
+            raise ValueError(f"meta must be a LearnedRule of variant '{variant}', got "
+                             f"{getattr(meta, 'variant', type(meta).__name__)!r}")
+        if meta.needs_graph and self.model is None:
+            raise TypeError(f"variant '{variant}' reads the step's gradient graph, so it needs the model: "
+                            "LearnedOptimizer(model, ...) rather than LearnedOptimizer(model.parameters(), ...)")
+        self.meta, self.variant, self.loss_reduction = meta, variant, loss_reduction
+        self.state["lopt"] = {"step": 0, "node_avg": None}
+        self._layout_key = None
+        self._pending: CaptureSession | None = None
+        self._structure: tuple | None = None  # (spec, param_neurons, theta_of_flat) of the last graph
+
+    # -- recording -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def record(self):
+        """Record the per-sample (a, g) of one forward and backward of the model inside the block; the next
+        ``step()`` uses them (once). A no-op for variants that do not read the graph."""
+        if not self.meta.needs_graph:
+            yield self
+            return
+        session = CaptureSession(self.model, use_hooks=True)
+        with session:
+            yield self
+        self._pending = session
+
+    def _take_graph(self):
+        session, self._pending = self._pending, None
+        if session is None:
+            raise RecordError(
+                f"variant '{self.variant}' needs this step's per-sample gradients, and nothing was recorded since "
+                "the last step: call opt.step(closure), or run the forward and loss.backward() inside "
+                "`with opt.record():` before every opt.step()")
+        try:
+            scale = float(session.batch_size) if self.loss_reduction == "mean" else 1.0
+            return build_graph(session.records(grad_scale=scale))
+        except GradGraphError as e:
+            raise RecordError(f"the recorded step of variant '{self.variant}' is unusable: {e}") from e
+
+    # -- flat layout --------------------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _layout(self):
+        """Segments and flat state of the current param groups (rebuilt when the groups change)."""
+        params = self._params()
+        key = tuple(id(p) for p in params)
+        if key != self._layout_key:
+            self._layout_key = key
+            sizes = [p.numel() for p in params]
+            self._sizes = sizes
+            self._seg, self._counts = segments(sizes, params[0].device)
+            self._flat = None
+            self._structure = None
+        if self._flat is None:  # first step, new groups, or after load_state_dict: (re)gather the state
+            like = params[0]
+            P, D = sum(self._sizes), len(DECAYS)
+            moms = torch.zeros(P, D, dtype=like.dtype, device=like.device)
+            mom = torch.zeros(P, dtype=like.dtype, device=like.device)
+            off = 0
+            for p, n in zip(params, self._sizes):
+                st = self.state[p]
+                if "momenta" in st:
+                    moms[off:off + n] = st["momenta"].reshape(n, D)
+                    mom[off:off + n] = st["momentum"].reshape(n)
+                st["momenta"] = moms[off:off + n].view(*p.shape, D)
+                st["momentum"] = mom[off:off + n].view(p.shape)
+                off += n
+            self._flat = (moms, mom)
+        return params
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        meta = state_dict.pop("meta", None)
+        super().load_state_dict(state_dict)
+        if meta is not None:
+            self.meta.load_state_dict(meta)
+        self.state["lopt"] = dict(self.state.get("lopt") or {"step": 0, "node_avg": None})
+        self._flat = None  # the loaded per-parameter tensors become the flat state at the next step
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["meta"] = {k: v.detach().clone() for k, v in self.meta.state_dict().items()}
+        return sd
+
+    # -- the step -------------------------------------------------------------------------------------
+    def _graph_context(self, params: list[Tensor]) -> dict:
+        graph = self._take_graph()
+        if self._structure is None or self._structure[0] is not graph.spec:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            theta = {}
+            off = 0
+            for n, p in self.model.named_parameters():
+                if p.requires_grad:
+                    theta[n] = (off, p.numel())
+                    off += p.numel()
+            missing = [i for i, p in enumerate(params) if names.get(id(p)) not in theta]
+            if missing or off != graph.spec.num_params:
+                raise TypeError(f"variant '{self.variant}' optimises the model's trainable parameters, but "
+                                f"{len(missing)} optimised tensors are not among them; build the optimizer as "
+                                "LearnedOptimizer(model, ...) (or param groups holding exactly those tensors)")
+            starts = [theta[names[id(p)]][0] for p in params]
+            identity = len(params) == len(theta) and starts == sorted(starts) and \
+                [names[id(p)] for p in params] == list(theta)
+            theta_of_flat = None if identity else torch.cat(
+                [torch.arange(s, s + p.numel(), device=p.device) for s, p in zip(starts, params)])
+            self._structure = (graph.spec, param_neurons(graph), theta_of_flat)
+        st = self.state["lopt"]
+        N = graph.spec.num_nodes
+        first = st["node_avg"] is None or st["node_avg"].shape[0] != N + 2
+        if first:
+            st["node_avg"] = torch.zeros(N + 2, 2 * len(NODE_DECAYS), dtype=params[0].dtype)
+        return {"graph": graph, "neurons": self._structure[1], "theta_of_flat": self._structure[2],
+                "node_avg": st["node_avg"], "first": first, "seg": self._seg, "counts": self._counts}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update; with ``closure`` (zero_grad, forward, loss, backward, return loss) the forward and backward
+        are recorded and the loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(), self.record():
+                loss = closure()
+        params = self._layout()
+        ctx = self._graph_context(params) if self.meta.needs_graph else {}
+        if not self.meta.needs_graph:
+            self._pending = None
+        flat_p = torch.cat([p.detach().reshape(-1) for p in params])
+        flat_g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        momenta, momentum = self._flat
+        st = self.state["lopt"]
+        update = self.compute_update(flat_p, flat_g, momenta, momentum, st["step"], ctx)
+        lrs = {g["lr"] for g in self.param_groups}
+        if len(lrs) == 1:
+            update.mul_(lrs.pop())
+        else:
+            update.mul_(torch.cat([torch.full((sum(p.numel() for p in g["params"]),), float(g["lr"]),
+                                              dtype=update.dtype, device=update.device) for g in self.param_groups]))
+        torch._foreach_sub_([p.data for p in params], [u.view_as(p) for u, p in zip(update.split(self._sizes), params)])
+        st["step"] += 1
+        return loss
+
+    def compute_update(self, param: Tensor, grad: Tensor, momenta: Tensor, momentum: Tensor, step: int,
+                       ctx: dict) -> Tensor:
+        """The step ``alpha (m_mu + beta F)`` [P] (before the group lr); updates ``momenta`` [P, 6] and
+        ``momentum`` [P] in place. All tensors flat, in param-group order."""
+        meta = self.meta
+        mu = meta.mu.to(grad.dtype)
+        momentum.mul_(mu).add_(grad * (1 - mu))
+        update_momenta(momenta, grad, torch.tensor(DECAYS, dtype=grad.dtype, device=grad.device))
+        out = momentum.clone()
+        if type(meta).learned_term is not LearnedRule.learned_term:
+            feats = unf_features(param, grad, momenta, step, self._seg, self._counts)
+            out.add_(meta.learned_term(feats, ctx).to(out.dtype), alpha=float(meta.beta))
+        return out.mul_(meta.alpha.to(out.dtype))
