@@ -129,3 +129,23 @@ def test_position_ids_with_a_leading_one_are_broadcast():
                                                                         y, loss), rtol=1e-9)
     spec = model_spec(m, {"input_ids": x, "position_ids": pos})
     assert any(s.permutable for s in spec.spaces)
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation="sdpa")
+    return transformers.BertForMaskedLM(cfg).double().eval()
+
+
+def test_hf_bert_masked_lm():
+    """BERT: separate q/k/v projections, token-type and position ids from [1, max] buffers (broadcast
+    constants), the decoder tied to the word embeddings and its bias a parameter of the prediction head."""
+    m = bert()
+    x, y = _batch(13)
+    g = check_model(m, x, y, lm_loss)
+    uses = [op.name for op in g.spec.ops if op.weight is not None
+            and op.weight.name == "bert.embeddings.word_embeddings.weight"]
+    assert uses == ["bert.embeddings.word_embeddings", "cls.predictions.decoder"]
+    heads = [s for s in g.spec.spaces if s.heads == 2]
+    assert heads and all(s.heads_permutable for s in heads)

@@ -73,9 +73,13 @@ class CaptureSession:
         self.params = [(n, tuple(p.shape), p.requires_grad) for n, p in named_params]
         self.buffers = {n: tuple(b.shape) for n, b in named_buffers}
         self._rules = []
-        for path, module in model.named_modules():
-            rule = find_rule(module)
-            trainable = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
+        found = [(path, module, find_rule(module)) for path, module in model.named_modules()]
+        # a parameter of a module without a rule is fine if it is also one of a module with a rule (tied, as
+        # BERT's output bias): that rule records its use
+        covered = {id(p) for _, module, rule in found if rule is not None for p in module.parameters()}
+        for path, module, rule in found:
+            trainable = [n for n, p in module._parameters.items()
+                         if p is not None and p.requires_grad and id(p) not in covered]
             if rule is None and trainable:
                 cls = type(module)
                 raise UnsupportedModuleError(
