@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip install --quiet --disable-pip-version-check
 # torch is pinned in the same pip command as the project so pip takes the local CPU wheel (see README)
-INSTALL := torch==2.13.0 -e ".[dev,bench]"
+INSTALL := torch==2.13.0 -e ".[dev,bench,zoo]"
 # the per-sample-gradient peers of `gradgraph bench capture` declare torchvision (which pulls a CUDA torch):
 # install them without dependencies, then the dependencies they use (torch pinned again, so nothing moves)
 NODEPS := backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1

@@ -131,10 +131,22 @@ class _Tuple(nn.Module):
         return x, x
 
 
-def test_weight_sharing_is_refused():
-    lin = nn.Linear(3, 3)
-    with pytest.raises(gradgraph.GradGraphError, match="more than one op"):
-        gradgraph.capture(nn.Sequential(lin, nn.ReLU(), lin), torch.randn(2, 3))
+class _Overlap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3))
+
+
+@gradgraph.register_rule(_Overlap)
+def _overlap_rule(ctx, m, x):
+    return ctx.linear(x, ctx.rows(m.weight, 0, 4)).sum(-1, keepdim=True) + ctx.linear(x, ctx.rows(m.weight, 2, 6),
+                                                                                      name="second")
+
+
+def test_partly_overlapping_uses_of_a_parameter_are_refused():
+    """Sharing a whole parameter (or the same rows) is weight sharing; overlapping different blocks is not."""
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="overlapping but different blocks"):
+        gradgraph.capture(_Overlap(), torch.randn(2, 3))
 
 
 def test_unused_parameters_are_named():

@@ -168,20 +168,44 @@ class SplitNeurons(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["split", "chunk", "tensor_split"])
-def test_split_along_neurons_fixes_the_space(how):
+def test_split_along_neurons_permutes_piece_by_piece(how):
+    """A space cut along its neurons (a packed projection) is the concatenation of its pieces: each piece is a
+    space of its own and the cut space permutes block by block."""
     torch.manual_seed(1)
     m, x, y = SplitNeurons(how).double(), torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
-    spaces = _spaces(m, x)
-    assert not spaces["a.out"].permutable and "split along its neurons" in spaces["a.out"].reason
-    pieces = [s for k, s in spaces.items() if k.startswith(f"a.out:{how}")]
-    assert pieces and not any(p.permutable for p in pieces)
+    spec = model_spec(m, x)
+    spaces = {s.key: s for s in spec.spaces}
+    whole = spaces["a.out"]
+    assert whole.permutable and whole.parts and sum(spec.spaces[i].size for i in whole.parts) == 6
     assert spaces["b.out"].permutable  # b and c are added: one space, still free
     s = _moving_symmetry(m, x)
+    p = s.perms["a.out"]
+    assert set(p[:2].tolist()) == {0, 1}  # block by block: the first piece stays the first piece
     assert _preserves(m, s, x)
     _check_grads(m, x, y)
-    # negative: permuting the space the tracer fixed moves neurons between the pieces
+    # negative: a permutation that moves neurons between the pieces changes the function
     s.perms["a.out"] = torch.tensor([2, 1, 0, 3, 4, 5])
     assert not _preserves(m, s, x)
+
+
+def test_a_space_cut_twice_or_fixed_fixes_its_pieces():
+    class CutTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(1, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            p, q = h.split(2, -1)
+            r, t = h.split([1, 3], -1)
+            return self.b(p) + self.c(r) + self.d(q[:, :2] * t[:, :2]) + h[:, :2]
+
+    m, x = CutTwice().double(), torch.randn(3, 3, dtype=D)
+    spaces = _spaces(m, x)
+    assert not spaces["a.out"].permutable
+    assert not any(s.permutable for k, s in spaces.items() if k.startswith("a.out:"))
+    s = gradgraph.random_symmetry(m, example_inputs=x)
+    assert _preserves(m, s, x)
 
 
 def test_unbind_along_neurons_fixes_the_space():

@@ -91,3 +91,35 @@ class CaptureRecords:
         for site in self.insites:
             if site.kind == "dense" and not torch.isfinite(site.a).all():
                 raise NonFiniteGradientError(f"the input activation of op '{site.name[:-3]}' contains inf or NaN")
+
+
+# which neuron space each axis of an op's weight indexes: "in" (the in-site's) or "out" (the out-site's)
+WEIGHT_AXES = {"linear": ("out", "in"), "conv": ("out", "in"), "transposed_linear": ("in", "out"),
+               "embedding": ("in", "out"), "diag": ("out",)}
+
+
+def tie_shared(ops: list[OpRecord], spaces: SpaceTable) -> None:
+    """Weight sharing: a parameter (or the same rows of it) used by several ops is one set of weights, so the
+    neurons its axes index are the same neurons in every use. Tie the spaces of the uses axis by axis (a
+    weight used by a ``linear`` and by an ``embedding`` of the same table: its rows are the linear's outputs
+    and the vocabulary entries). Uses of a kind this table does not know fix the spaces involved."""
+    first: dict[tuple, tuple[OpRecord, tuple[str, ...]]] = {}
+    for op in ops:
+        for ref, axes in ((op.weight, WEIGHT_AXES.get(op.kind)), (op.bias, ("out",))):
+            if ref is None:
+                continue
+            key = (ref.name, ref.rows)
+            if key not in first:
+                first[key] = (op, axes)
+                continue
+            op0, axes0 = first[key]
+            why = f"parameter '{ref.name}' shared by ops '{op0.name}' and '{op.name}'"
+            if axes is None or axes0 is None or len(axes) != len(axes0):
+                for o in (op0, op):
+                    spaces.fix(o.insite.space, f"{why} (a use gradgraph cannot align)")
+                    spaces.fix(o.outsite.space, f"{why} (a use gradgraph cannot align)")
+                continue
+            for a0, a in zip(axes0, axes):
+                s0 = op0.insite.space if a0 == "in" else op0.outsite.space
+                s1 = op.insite.space if a == "in" else op.outsite.space
+                spaces.tie(s0, s1, why)

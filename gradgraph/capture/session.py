@@ -19,7 +19,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from ..errors import GradGraphError, SampleMixingError, UnsupportedModuleError
-from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef
+from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef, tie_shared
 from .rules import find_rule, supported_modules
 from .spaces import SpaceTable
 from .tracer import DataflowTracer, Label
@@ -73,9 +73,13 @@ class CaptureSession:
         self.params = [(n, tuple(p.shape), p.requires_grad) for n, p in named_params]
         self.buffers = {n: tuple(b.shape) for n, b in named_buffers}
         self._rules = []
-        for path, module in model.named_modules():
-            rule = find_rule(module)
-            trainable = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
+        found = [(path, module, find_rule(module)) for path, module in model.named_modules()]
+        # a parameter of a module without a rule is fine if it is also one of a module with a rule (tied, as
+        # BERT's output bias): that rule records its use
+        covered = {id(p) for _, module, rule in found if rule is not None for p in module.parameters()}
+        for path, module, rule in found:
+            trainable = [n for n, p in module._parameters.items()
+                         if p is not None and p.requires_grad and id(p) not in covered]
             if rule is None and trainable:
                 cls = type(module)
                 raise UnsupportedModuleError(
@@ -172,18 +176,21 @@ class CaptureSession:
         """Refer to rows ``start:stop`` of a packed parameter (e.g. the query block of ``in_proj_weight``)."""
         return Rows(param, start, stop)
 
-    def linear(self, x: Tensor, weight, bias=None, name: str | None = None) -> Tensor:
-        """``y = x W^T + b`` over the last axis of ``x`` ([b, ..., in] -> [b, ..., out]). A flattened conv
-        map ([b, C*H*W]) keeps its channels as nodes: the op then acts like a conv whose kernel covers the
-        whole map."""
+    def linear(self, x: Tensor, weight, bias=None, name: str | None = None, transposed: bool = False) -> Tensor:
+        """``y = x W^T + b`` over the last axis of ``x`` ([b, ..., in] -> [b, ..., out]); with
+        ``transposed=True`` the weight is stored ``[in, out]`` and ``y = x W + b`` (Hugging Face ``Conv1D``,
+        kind ``transposed_linear``). A flattened conv map ([b, C*H*W]) keeps its channels as nodes: the op
+        then acts like a conv whose kernel covers the whole map (plain layout only)."""
         with self.tracer.suspend():  # the op and the bookkeeping; the tracer sees the op through its label
             W, wref = self._param(weight, "weight")
             B, bref = self._param(bias, "bias")
-            out = F.linear(x, W, B)
+            x = self._per_sample(x)
+            out = F.linear(x, W.t() if transposed else W, B)
             opname = self._op_name(name)
             lab = self.tracer.get_label(x)
             last = x.ndim - 1
-            if lab is not None and lab.space is not None and lab.group and lab.axes == (last,) and x.ndim == 2:
+            if (not transposed and lab is not None and lab.space is not None and lab.group and lab.axes == (last,)
+                    and x.ndim == 2):
                 spatial = lab.group
                 C = x.shape[1] // math.prod(spatial)
                 a = x.reshape(x.shape[0], C, *spatial).movedim(1, -1)
@@ -193,7 +200,8 @@ class CaptureSession:
                 insite = self._insite((id(x), last), opname, x, x, lab, want=(last,))
                 geometry = {}
             outsite = self._outsite(out, last, opname)
-            self._record(opname, "linear", insite, outsite, wref, bref, geometry)
+            self._record(opname, "transposed_linear" if transposed else "linear", insite, outsite, wref, bref,
+                         geometry)
         return out
 
     def conv(self, x: Tensor, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -210,6 +218,7 @@ class CaptureSession:
                     f"{d}-d convolution with groups={groups}. Grouped/depthwise convolutions need a rule of their "
                     "own.")
             conv_fn = F.conv1d if d == 1 else F.conv2d
+            x = self._per_sample(x)
             out = conv_fn(x, W, B, stride, padding, dilation)
             kernel = tuple(W.shape[2:])
             dil = _tuple(dilation, d)
@@ -249,6 +258,7 @@ class CaptureSession:
         whose activation is one-hot; the graph stores the token ids, not the one-hot matrix."""
         with self.tracer.suspend():
             W, wref = self._param(weight, "weight")
+            ids = self._per_sample(ids)
             out = F.embedding(ids, W, padding_idx)
             opname = self._op_name(name)
             space = self.spaces.new(f"{opname}.vocab", W.shape[0], "input")
@@ -283,6 +293,14 @@ class CaptureSession:
                 "ctx.rows(param, start, stop) for a block of a packed parameter.")
         self.dtype = self.dtype or tensor.dtype
         return tensor, ParamRef(name, tuple(p.shape), rows)
+
+    def _per_sample(self, x: Tensor) -> Tensor:
+        """A constant with a leading 1 (HF's ``position_ids`` [1, T], built from ``arange``) that reaches an op
+        becomes one copy per sample, so that the op's output and its gradient are per sample (exact: each
+        copy feeds its own sample only). Tensors derived from the inputs keep the batch checks."""
+        if x.ndim == 0 or x.shape[0] != 1 or self.batch_size == 1 or self.tracer.get_label(x) is not None:
+            return x
+        return x.expand(self.batch_size, *x.shape[1:])
 
     def _check_batch(self, t: Tensor, opname: str, what: str) -> None:
         if t.ndim == 0 or t.shape[0] != self.batch_size:
@@ -358,6 +376,7 @@ class CaptureSession:
         graph builder in one pass over the assembled features (see :meth:`CaptureRecords.check_finite`)."""
         if self._calls == 0:
             raise GradGraphError("the model was never called while gradgraph was recording")
+        tie_shared(self.ops, self.spaces)
         if structure_only:
             return CaptureRecords(self.ops, list(self.insites.values()), self.outsites, self.spaces,
                                   self.batch_size, self.params, self.buffers, self.dtype)

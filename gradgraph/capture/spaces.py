@@ -26,6 +26,7 @@ class SpaceTable:
         self.output: list[bool] = []
         self.heads: list[int | None] = []
         self._head_parent: list[int] = []
+        self.parts: list[tuple[int, tuple[int, ...]]] = []  # (space cut along its neurons, its pieces in order)
 
     def new(self, name: str, size: int, kind: str = "hidden") -> int:
         sid = len(self._parent)
@@ -98,6 +99,38 @@ class SpaceTable:
         ha, hb = self.head_group(a), self.head_group(b)
         if ha != hb:
             self._head_parent[max(ha, hb)] = min(ha, hb)
+
+    def set_parts(self, s: int, parts: tuple[int, ...]) -> None:
+        """Space ``s`` is the concatenation of the spaces ``parts`` (``q, k, v = qkv(x).split(d, -1)``): its
+        permutation is theirs, block by block (see :meth:`resolve_parts`)."""
+        self.parts.append((s, tuple(parts)))
+
+    def resolve_parts(self) -> dict[int, tuple[int, ...]]:
+        """Root -> the roots of its pieces, for spaces cut into pieces whose permutation is block-diagonal.
+        A cut space that cannot be permuted (fixed, a model input or output), that was cut twice, or whose
+        piece is tied back to it, fixes its pieces (and itself); repeated until nothing changes (pieces can
+        be cut again)."""
+        out: dict[int, tuple[int, ...]] = {}
+        changed = True
+        while changed:
+            changed, out, by_root = False, {}, {}
+            for s, pieces in self.parts:
+                by_root.setdefault(self.find(s), []).append(pieces)
+            for r, cut in by_root.items():
+                pieces = tuple(self.find(p) for p in cut[0])
+                free = self.fixed[r] is None and self.kind[r] == "hidden" and not self.output[r]
+                if len(cut) == 1 and free and r not in pieces:
+                    out[r] = pieces
+                    continue
+                if free:
+                    self.fix(r, "cut along its neurons in two different ways" if len(cut) > 1 else
+                             "a piece of it is tied back to it")
+                for ps in cut:
+                    for p in ps:
+                        if self.fixed[self.find(p)] is None:
+                            self.fix(p, f"a piece of space '{self.name[r]}', which cannot be permuted")
+                            changed = True
+        return out
 
     def roots(self) -> list[int]:
         return [s for s in range(len(self._parent)) if self.find(s) == s]

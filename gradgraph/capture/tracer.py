@@ -263,10 +263,12 @@ class DataflowTracer(TorchFunctionMode):
                 "expand its input to the batch first (positions.expand(b, T)).")
         return axes.pop() if axes else None
 
-    def fresh_space(self, base: str, size: int, why: str) -> int:
-        """A new hidden space that cannot be permuted (``why``), for neurons split off a traced space."""
+    def fresh_space(self, base: str, size: int, why: str | None) -> int:
+        """A new hidden space with a unique name from ``base``, for neurons split off a traced space; it cannot
+        be permuted (``why``) unless ``why`` is None."""
         self._fresh[base] += 1
         k = self._fresh[base]
         sid = self.spaces.new(base if k == 1 else f"{base}#{k}", size)
-        self.spaces.fix(sid, why)
+        if why is not None:
+            self.spaces.fix(sid, why)
         return sid

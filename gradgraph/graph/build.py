@@ -19,6 +19,7 @@ from .spec import BlockSpec, GraphSpec, LayerSpec, OpSpec, ParamSpec, ParamUse, 
 def build_spaces(rec: CaptureRecords) -> tuple[tuple[SpaceSpec, ...], dict[int, int]]:
     """Final neuron spaces (union-find roots, in creation order) and the map raw space id -> index."""
     table = rec.spaces
+    parts = table.resolve_parts()
     roots = table.roots()
     index = {r: i for i, r in enumerate(roots)}
     group_index: dict[int, int] = {}
@@ -38,7 +39,7 @@ def build_spaces(rec: CaptureRecords) -> tuple[tuple[SpaceSpec, ...], dict[int, 
             key=table.name[r], size=table.size[r], role=role, permutable=permutable(r), heads=heads,
             head_group=group_index.setdefault(hg, len(group_index)),
             heads_permutable=heads > 1 and all(permutable(m) for m in members[hg]),
-            reason=table.fixed[r]))
+            reason=table.fixed[r], parts=tuple(index[p] for p in parts.get(r, ()))))
     return tuple(spaces), {s: index[table.find(s)] for s in range(len(table.size))}
 
 
@@ -230,21 +231,23 @@ def build_graph(rec: CaptureRecords):
 
 
 def check_coverage(spec: GraphSpec) -> None:
-    """Every trainable scalar must be the weight or bias of exactly one op."""
-    intervals = []
+    """Every trainable scalar must be the weight or bias of at least one op. A parameter (or the same rows of
+    it) used by several ops is weight sharing: its gradient is the sum over its uses (the uses' spaces were
+    tied at capture). Uses that overlap without being the same rows are refused."""
+    intervals = {}
     for op in spec.ops:
         for use in (op.weight, op.bias):
             r = spec.theta_range(use)
             if r is not None:
-                intervals.append((r[0], r[1], use.name, op.name))
-    intervals.sort()
+                intervals.setdefault(r, (use.name, []))[1].append(op.name)
     pos = 0
-    for lo, hi, pname, _ in intervals:
+    for (lo, hi), (pname, _) in sorted(intervals.items()):
         if lo < pos:
-            users = sorted({o for l2, h2, p2, o in intervals if p2 == pname})
+            users = sorted({o for (l2, h2), (p2, ops) in intervals.items() if p2 == pname for o in ops})
             raise UnsupportedModuleError(
-                f"parameter '{pname}' is used by more than one op ({', '.join(users)}): gradgraph does not support "
-                "weight sharing (a module called twice, tied weights) because every weight must be one edge.")
+                f"parameter '{pname}' is used by ops {', '.join(users)} through overlapping but different blocks "
+                "of its rows; gradgraph supports sharing a whole parameter (or the same rows of it) between ops, "
+                "not partly overlapping blocks.")
         if lo > pos:
             _raise_missing(spec, pos, lo)
         pos = hi

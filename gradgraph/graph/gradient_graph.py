@@ -146,6 +146,7 @@ class GradientGraph(Data):
         b = spec.num_samples
         lead = (b,) if per_sample else ()
         out = {p.name: self.entry_x.new_zeros(lead + p.shape) for p in spec.trainable}
+        seen: set = set()  # a shared parameter's gradient is the sum over its uses
         for op in spec.ops:
             A = self.layer_features(op.in_layer, "a")
             G = self.layer_features(op.out_layer, "g")
@@ -153,10 +154,10 @@ class GradientGraph(Data):
             if spec.theta_range(op.weight) is not None:
                 grad = kind.per_sample_grad(op, A, G, spec.layers[op.in_layer].size, spec.layers[op.out_layer].size)
                 grad = grad.reshape((b,) + spec.use_shape(op.weight))
-                _put(out[op.weight.name], op.weight.rows, grad if per_sample else grad.sum(0), per_sample)
+                _put(out[op.weight.name], op.weight.rows, grad if per_sample else grad.sum(0), per_sample, seen)
             if spec.theta_range(op.bias) is not None:
                 grad = kind.bias_grad(op, G)
-                _put(out[op.bias.name], op.bias.rows, grad if per_sample else grad.sum(0), per_sample)
+                _put(out[op.bias.name], op.bias.rows, grad if per_sample else grad.sum(0), per_sample, seen)
         return out
 
     # -- parameters <-> graph -----------------------------------------------------------------------------
@@ -312,13 +313,18 @@ class GradientGraph(Data):
             raise ValueError(f"{what} works on one graph; use batch.to_data_list() or batch.get_example(i)")
 
 
-def _put(target: Tensor, rows, value: Tensor, per_sample: bool) -> None:
+def _put(target: Tensor, rows, value: Tensor, per_sample: bool, seen: set) -> None:
+    """Write one use's gradient into its parameter (its rows), or add it when the parameter was used before."""
+    key = (id(target), rows)
     if rows is None:
-        target.copy_(value)
-    elif per_sample:
-        target[:, rows[0]:rows[1]] = value
+        view = target
     else:
-        target[rows[0]:rows[1]] = value
+        view = target[:, rows[0]:rows[1]] if per_sample else target[rows[0]:rows[1]]
+    if key in seen:
+        view.add_(value)
+    else:
+        view.copy_(value)
+        seen.add(key)
 
 
 def _decode(spec: GraphSpec, theta: Tensor) -> dict[str, Tensor]:

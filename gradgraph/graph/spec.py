@@ -52,9 +52,11 @@ class _Plain:
     default, unknown keys raise ``TypeError``."""
 
     _DECODE: ClassVar[dict] = {}
+    _OPTIONAL: ClassVar[frozenset] = frozenset()  # fields added later: left out of the dict at their default
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                if not (f.name in self._OPTIONAL and getattr(self, f.name) == f.default)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
@@ -64,7 +66,9 @@ class _Plain:
 @dataclass(frozen=True)
 class SpaceSpec(_Plain):
     """A neuron space. ``heads > 1`` splits it into attention heads of ``size // heads`` neurons; spaces
-    with the same ``head_group`` permute their heads together. ``reason`` says why it is not permutable."""
+    with the same ``head_group`` permute their heads together. ``reason`` says why it is not permutable.
+    ``parts`` (indices of other spaces): the space is cut into those pieces along its neurons (a packed q/k/v
+    projection split by glue), and its permutation is theirs, block by block."""
 
     key: str
     size: int
@@ -74,6 +78,10 @@ class SpaceSpec(_Plain):
     head_group: int = -1
     heads_permutable: bool = False
     reason: str | None = None
+    parts: tuple[int, ...] = ()
+
+    _DECODE = {"parts": _tuple}
+    _OPTIONAL = frozenset({"parts"})
 
 
 @dataclass(frozen=True)

@@ -65,15 +65,21 @@ def random_symmetry(obj, generator: torch.Generator | None = None) -> Symmetry:
         if not s.permutable:
             perms[s.key] = torch.arange(s.size)
             continue
-        if s.heads > 1:
+        if s.heads > 1 and not s.parts:
             dh = s.size // s.heads
             if s.head_group not in head_perm:
                 head_perm[s.head_group] = (torch.randperm(s.heads, generator=generator) if s.heads_permutable
                                            else torch.arange(s.heads))
             pi = head_perm[s.head_group]
             perms[s.key] = torch.cat([pi[h] * dh + torch.randperm(dh, generator=generator) for h in range(s.heads)])
-        else:
+        elif not s.parts:
             perms[s.key] = torch.randperm(s.size, generator=generator)
+    for s in reversed(spec.spaces):  # a space cut into pieces (created after it) permutes piece by piece
+        if s.permutable and s.parts:
+            offsets = [0]
+            for i in s.parts:
+                offsets.append(offsets[-1] + spec.spaces[i].size)
+            perms[s.key] = torch.cat([perms[spec.spaces[i].key] + o for i, o in zip(s.parts, offsets)])
     return Symmetry(perms, spec)
 
 

@@ -174,10 +174,12 @@ def getitem(tracer, call: GlueCall) -> Label | None:
 
 @register_glue(*SPLIT)
 def split(tracer, call: GlueCall) -> list[Label | None] | Label | None:
-    """One label per piece. Cut along a non-neuron axis, every piece keeps the neurons. Cut along a neuron
-    axis, a permutation of the space would move neurons from piece to piece, so the space is fixed and each
-    piece gets a fresh fixed space of its own size (``unbind`` along a flat neuron axis: pieces carry no
-    neurons). Cutting the batch is unknown (the pieces are no longer per-sample tensors)."""
+    """One label per piece. Cut along a non-neuron axis, every piece keeps the neurons. Cut along a flat
+    neuron axis (``q, k, v = qkv(x).split(d, -1)``), each piece gets a space of its own and the cut space
+    becomes their concatenation (it permutes block by block; see ``SpaceTable.resolve_parts``). Cut along a
+    head-split axis, a permutation would move neurons from piece to piece: the space is fixed and each piece
+    gets a fresh fixed space (``unbind`` along a flat neuron axis: pieces carry no neurons). Cutting the batch
+    is unknown (the pieces are no longer per-sample tensors)."""
     t, lab = tracer.single(call)
     outs = call.outputs
     if t is None or t is not call.args[0]:
@@ -196,6 +198,15 @@ def split(tracer, call: GlueCall) -> list[Label | None] | Label | None:
     if dim not in lab.axes:
         return [replace(lab, axes=tuple(moved(a) for a in lab.axes), batch_axis=bax)] * len(outs)
     name = tracer.spaces.name[tracer.spaces.find(lab.space)]
+    if not drop and lab.axes == (dim,):  # a packed projection: each piece is a space, the cut one their blocks
+        sizes, table = [o.shape[dim] for o in outs], tracer.spaces
+        same = [ps for sp, ps in table.parts if table.find(sp) == table.find(lab.space)
+                and [table.size[p] for p in ps] == sizes]
+        if same:  # the same cut again (``h.chunk(3)`` twice): the same pieces
+            return [Label(p, lab.axes, bax) for p in same[0]]
+        pieces = [tracer.fresh_space(f"{name}:{call.name}.{i}", n, None) for i, n in enumerate(sizes)]
+        table.set_parts(lab.space, tuple(pieces))
+        return [Label(p, lab.axes, bax) for p in pieces]
     tracer.spaces.fix(lab.space, f"split along its neurons by op '{call.name}'")
     axes = tuple(moved(a) for a in lab.axes if not (drop and a == dim))
     if not axes:

@@ -15,6 +15,7 @@ registered with the same decorator (Opacus's ``register_grad_sampler`` is the mo
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from torch import nn
@@ -22,6 +23,19 @@ from torch import nn
 __all__ = ["register_rule", "find_rule", "supported_modules"]
 
 _RULES: dict[type, Callable] = {}
+_LAZY: dict[str, Callable[[], None]] = {}  # module name -> registers rules for its types once it is imported
+
+
+def register_lazy(module_name: str, register: Callable[[], None]) -> None:
+    """Call ``register()`` (which registers rules for types defined in ``module_name``) the first time a rule
+    is looked up after ``module_name`` was imported: optional libraries (transformers) are never imported by
+    gradgraph itself."""
+    _LAZY[module_name] = register
+
+
+def _load_lazy() -> None:
+    for name in [n for n in _LAZY if n in sys.modules]:
+        _LAZY.pop(name)()
 
 
 def register_rule(*module_types: type) -> Callable:
@@ -40,6 +54,8 @@ def register_rule(*module_types: type) -> Callable:
 
 def find_rule(module: nn.Module) -> Callable | None:
     """The rule for ``module``'s type, or for a base type whose ``forward`` it does not override."""
+    if _LAZY:
+        _load_lazy()
     cls = type(module)
     if cls in _RULES:
         return _RULES[cls]
@@ -51,4 +67,6 @@ def find_rule(module: nn.Module) -> Callable | None:
 
 def supported_modules() -> list[str]:
     """Names of the module types that have a registered rule, sorted."""
+    if _LAZY:
+        _load_lazy()
     return sorted(t.__name__ for t in _RULES)

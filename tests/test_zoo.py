@@ -1,0 +1,151 @@
+"""A model zoo: models gradgraph did not write (Hugging Face transformers, from random configs: nothing
+downloads). For each: float64 per-sample gradients equal the torch.func oracle to 1e-9 relative, the summed
+gradient equals autograd's, a random symmetry permutes at least one space and keeps the output to 1e-9 (a
+broken one does not), the graph transforms like the model (capture(s . model) == s . capture(model)), and
+GradMetaNet runs on the graph. transformers is part of the ``zoo`` extra: these tests never skip."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from conftest import assert_tensors_close  # noqa: E402
+
+import gradgraph  # noqa: E402
+from gradgraph import oracle  # noqa: E402
+from gradgraph.api import model_spec  # noqa: E402
+from gradgraph.nn import GradMetaNet  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def lm_loss(out, y):
+    """Per-sample next-token cross entropy, summed over the tokens: [b]."""
+    lg = _logits(out)
+    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), reduction="none").view(y.shape).sum(1)
+
+
+def gpt2(tied: bool, attn: str = "sdpa"):
+    cfg = transformers.GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, use_cache=False,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def _batch(vocab, b=3, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab, (b, T), generator=g), torch.randint(vocab, (b, T), generator=g)
+
+
+def _moving_symmetry(model, x):
+    for k in range(20):
+        s = gradgraph.random_symmetry(model, generator=torch.Generator().manual_seed(k), example_inputs=x)
+        if not s.is_identity():
+            return s
+    raise AssertionError("no draw moved anything: the model has no permutable space")
+
+
+def _same_output(a, b, x) -> bool:
+    return torch.allclose(_logits(a(x)), _logits(b(x)), rtol=1e-9, atol=1e-10)
+
+
+def check_model(model, x, y, loss_fn, min_permutable=1):
+    """The zoo contract; returns the graph."""
+    g = gradgraph.capture(model, x, y, loss_fn)
+    ref = oracle.per_sample_grads(model, x, y, loss_fn)
+    assert set(g.per_sample_grads()) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert_tensors_close(g.per_sample_grads(), ref, rtol=1e-9)
+    assert_tensors_close(g.grads(), oracle.grads(model, x, y, loss_fn), rtol=1e-9)
+    assert sum(s.permutable for s in g.spec.spaces) >= min_permutable
+    s = _moving_symmetry(model, x)
+    moved = gradgraph.apply_symmetry(model, s)
+    assert _same_output(moved, model, x)
+    g2 = gradgraph.capture(moved, x, y, loss_fn)
+    torch.testing.assert_close(g2.entry_x, gradgraph.apply_symmetry(g, s).entry_x, rtol=1e-9, atol=1e-12)
+    net = GradMetaNet(8, 2, "node", 2).double()
+    assert torch.isfinite(net(g)).all() and net(g).shape == (g.num_nodes, 2)
+    return g
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_hf_gpt2(tied):
+    m = gpt2(tied)
+    x, y = _batch(13)
+    g = check_model(m, x, y, lm_loss)
+    spaces = {s.key: s for s in g.spec.spaces}
+    names = [p.name for p in g.spec.params]
+    assert ("lm_head.weight" in names) != tied  # tied: one parameter, two uses (the embedding and the head)
+    uses = [op.name for op in g.spec.ops if op.weight is not None and op.weight.name == "transformer.wte.weight"]
+    assert uses == (["transformer.wte", "lm_head"] if tied else ["transformer.wte"])
+    assert {op.kind for op in g.spec.ops} >= {"transposed_linear", "embedding", "diag"}
+    # the packed q/k/v projection is cut into three pieces; queries and keys share one space, with 2 heads
+    packed = spaces["transformer.h.0.attn.c_attn.out"]
+    assert packed.permutable and len(packed.parts) == 3
+    q, k, v = (g.spec.spaces[i] for i in packed.parts)
+    assert q.key == k.key and q.heads == v.heads == 2 and q.heads_permutable and v.permutable
+
+
+def test_hf_gpt2_broken_symmetry_changes_the_function():
+    """Negative: a permutation of the packed projection that moves neurons from the queries to the keys."""
+    m = gpt2(True)
+    x, _ = _batch(13)
+    s = _moving_symmetry(m, x)
+    s.perms["transformer.h.0.attn.c_attn.out"] = torch.cat([torch.arange(8, 16), torch.arange(8),
+                                                            torch.arange(16, 24)])
+    assert not _same_output(gradgraph.apply_symmetry(m, s), m, x)
+
+
+def test_hf_gpt2_eager_attention_is_exact_and_safe():
+    """The eager attention path (matmul over heads kept as a batch axis) is not followed yet: exact
+    gradients, q/k fixed, and whatever symmetry is left keeps the function."""
+    m = gpt2(False, "eager")
+    x, y = _batch(13)
+    g = gradgraph.capture(m, x, y, lm_loss)
+    assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, lm_loss), rtol=1e-9)
+    s = _moving_symmetry(m, x)
+    assert _same_output(gradgraph.apply_symmetry(m, s), m, x)
+
+
+def test_position_ids_with_a_leading_one_are_broadcast():
+    """HF builds position_ids [1, T] from arange: a constant shared by the samples, not sample mixing. The
+    same [1, T] passed by the user as an input is a constant as well."""
+    m = gpt2(False)
+    x, y = _batch(13)
+    pos = torch.arange(5)[None]
+
+    def loss(out, t):
+        return lm_loss(out, t)
+
+    g = gradgraph.capture(m, {"input_ids": x, "position_ids": pos}, y, loss)
+    assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, {"input_ids": x, "position_ids": pos},
+                                                                        y, loss), rtol=1e-9)
+    spec = model_spec(m, {"input_ids": x, "position_ids": pos})
+    assert any(s.permutable for s in spec.spaces)
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation="sdpa")
+    return transformers.BertForMaskedLM(cfg).double().eval()
+
+
+def test_hf_bert_masked_lm():
+    """BERT: separate q/k/v projections, token-type and position ids from [1, max] buffers (broadcast
+    constants), the decoder tied to the word embeddings and its bias a parameter of the prediction head."""
+    m = bert()
+    x, y = _batch(13)
+    g = check_model(m, x, y, lm_loss)
+    uses = [op.name for op in g.spec.ops if op.weight is not None
+            and op.weight.name == "bert.embeddings.word_embeddings.weight"]
+    assert uses == ["bert.embeddings.word_embeddings", "cls.predictions.decoder"]
+    heads = [s for s in g.spec.spaces if s.heads == 2]
+    assert heads and all(s.heads_permutable for s in heads)
