@@ -179,3 +179,19 @@ class _SelfAttn(nn.Module):
 
     def forward(self, x):
         return self.mha(x, x, x)[0]
+
+
+def test_a_parameter_used_by_the_models_own_code_is_refused_not_half_differentiated():
+    class GlueUse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+
+        def forward(self, ids):
+            return self.emb(ids) @ self.emb.weight.T  # the second use is plain torch code, not a module
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match=r"\['emb.weight'\] are used by the torch function 'T'"):
+        gradgraph.capture(GlueUse(), torch.randint(7, (3, 2)))
+    frozen = GlueUse()
+    frozen.emb.weight.requires_grad_(False)  # a frozen parameter is a constant: captured, nothing to refuse
+    assert gradgraph.capture(frozen, torch.randint(7, (3, 2))).num_params == 0

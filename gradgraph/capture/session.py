@@ -69,6 +69,7 @@ class CaptureSession:
         named_params = list(model.named_parameters())
         named_buffers = list(model.named_buffers())
         self._param_names = {id(p): n for n, p in named_params}
+        self._trainable_names = {id(p): n for n, p in named_params if p.requires_grad}
         self._buffer_names = {id(b): n for n, b in named_buffers}
         self.params = [(n, tuple(p.shape), p.requires_grad) for n, p in named_params]
         self.buffers = {n: tuple(b.shape) for n, b in named_buffers}
@@ -135,7 +136,7 @@ class CaptureSession:
             raise GradGraphError("the model's inputs contain no tensor with a batch axis; gradgraph needs the "
                                  "batch as the first dimension of the inputs")
         self.batch_size = int(leaves[0].shape[0])
-        self.tracer = DataflowTracer(self.spaces, self.batch_size, self._before_inplace)
+        self.tracer = DataflowTracer(self.spaces, self.batch_size, self._before_inplace, self._trainable_names)
         for t in leaves:
             if t.ndim and t.shape[0] == self.batch_size:
                 self.tracer.set_label(t, Label(None, (), 0))

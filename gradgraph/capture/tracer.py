@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..errors import SampleMixingError
+from ..errors import SampleMixingError, UnsupportedModuleError
 from .spaces import SpaceTable
 
 __all__ = ["Label", "GlueCall", "DataflowTracer", "SpaceTable", "register_glue", "glue_ops"]
@@ -150,8 +150,10 @@ class DataflowTracer(TorchFunctionMode):
     below the dispatch are the helpers glue handlers use (with ``tracer.spaces.tie`` / ``.fix``).
     """
 
-    def __init__(self, spaces: SpaceTable, batch_size: int, before_inplace=None) -> None:
+    def __init__(self, spaces: SpaceTable, batch_size: int, before_inplace=None,
+                 parameters: dict[int, str] | None = None) -> None:
         super().__init__()
+        self.parameters = parameters or {}  # id -> name of the model's trainable parameters
         self.spaces = spaces
         self.batch_size = batch_size
         self.before_inplace = before_inplace
@@ -190,13 +192,16 @@ class DataflowTracer(TorchFunctionMode):
             return func(*args, **kwargs)  # most calls are attribute reads (Tensor.shape.__get__ & co.)
         ins = _tensors(args, kwargs)
         labeled = [(t, self._labels[id(t)]) for t in ins if id(t) in self._labels]
-        if not labeled:
+        uses = [t for t in ins if id(t) in self.parameters] if self.parameters else ()
+        if not labeled and not uses:
             return func(*args, **kwargs)
         name, inplace = _normalize_name(func)
         if name == "__get__":
             name = _PROPERTY_OPS[func.__self__]
         elif name in _IGNORED:
             return func(*args, **kwargs)
+        if uses:
+            self._refuse_parameter_use(name, uses)
         if kwargs.get("inplace") is True:
             inplace = True
         if inplace and self.before_inplace is not None and args and isinstance(args[0], Tensor):
@@ -207,6 +212,17 @@ class DataflowTracer(TorchFunctionMode):
         if outs:
             self._propagate(GlueCall(name, func, args, kwargs, inplace, ins, labeled, out, outs))
         return out
+
+    def _refuse_parameter_use(self, name: str, params: list[Tensor]) -> None:
+        """A trainable parameter entering a torch function between rules: its gradient through this use would
+        be missing from the graph (a silent wrong gradient), so refuse."""
+        names = sorted({self.parameters[id(p)] for p in params})
+        raise UnsupportedModuleError(
+            f"trainable parameter(s) {names} are used by the torch function '{name}' in the model's own code, "
+            "outside a capture rule, so the gradient through that use cannot be represented. Use the parameter "
+            "through a module (tie modules by assignment, e.g. head.weight = emb.weight), write a rule for the "
+            "module that uses it (ctx.linear(x, W) for x @ W.T, ctx.linear(x, W, transposed=True) for x @ W; "
+            "see docs/capture.md), or freeze it with requires_grad_(False).")
 
     def _propagate(self, call: GlueCall) -> None:
         handler = _GLUE.get(call.name)

@@ -11,6 +11,7 @@ from torch_geometric.data import Batch, Data
 
 from ..errors import SetSizeMismatchError, StructureMismatchError
 from ..io import load_file, save_file
+from . import stats
 from .kinds import kind_of
 from .spec import GraphSpec
 from .tables import edge_tensors, structure_tensors
@@ -159,6 +160,14 @@ class GradientGraph(Data):
                 grad = kind.bias_grad(op, G)
                 _put(out[op.bias.name], op.bias.rows, grad if per_sample else grad.sum(0), per_sample, seen)
         return out
+
+    def per_sample_grad_norms(self) -> Tensor:
+        """Norm of each sample's gradient over all trainable parameters, from (a, g): [b] (see graph.stats)."""
+        return stats.per_sample_grad_norms(self)
+
+    def per_sample_gram(self) -> Tensor:
+        """Inner products of the samples' gradients, ``K[i, j] = <grad_i, grad_j>``: [b, b] (see graph.stats)."""
+        return stats.per_sample_gram(self)
 
     # -- parameters <-> graph -----------------------------------------------------------------------------
     def params_to_graph(self, params: Mapping[str, Tensor]) -> Tensor:

@@ -143,6 +143,13 @@ class OpKind:
         b = A.shape[0]
         return torch.einsum("bso,bsi->boi", G.reshape(b, -1, G.shape[-1]), A.reshape(b, -1, A.shape[-1]))
 
+    def gram_factors(self, op: OpSpec, A: Tensor, G: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(A [b, m, n_in], G [b, m, n_out])`` when the per-sample gradient is ``sum_e g_e a_e^T`` over m
+        elements (then inner products of per-sample gradients need no weight-sized tensor:
+        <grad_i, grad_j> = sum_{e, f} <g_ie, g_jf> <a_ie, a_jf>), None when it is not of that form (the
+        statistics then materialize this op's per-sample gradient)."""
+        return None
+
     def bias_grad(self, op: OpSpec, G: Tensor) -> Tensor:
         """Per-sample bias gradient: the sample's output gradients summed over its elements. [b, n_out]."""
         return G.reshape(G.shape[0], -1, G.shape[-1]).sum(1)
@@ -222,6 +229,9 @@ class LinearKind(OpKind):
         if op.kernel:  # linear on a flattened map: a conv whose kernel is the whole map
             return _conv_grad(A, G, self.conv_geometry(op))
         return super().per_sample_grad(op, A, G, n_in, n_out)
+
+    def gram_factors(self, op: OpSpec, A: Tensor, G: Tensor):
+        return None if op.kernel else (A.reshape(A.shape[0], -1, A.shape[-1]), G.reshape(G.shape[0], -1, G.shape[-1]))
 
     def permute_weight(self, op: OpSpec, W: Tensor, p_in: Tensor, p_out: Tensor, dim: int) -> Tensor:
         K = op.entries_per_edge
@@ -370,6 +380,9 @@ class TransposedLinearKind(_InputMajor):
         """[b, n_in, n_out]: sum over the sample's elements of a_e g_e^T."""
         b = A.shape[0]
         return torch.einsum("bsi,bso->bio", A.reshape(b, -1, A.shape[-1]), G.reshape(b, -1, G.shape[-1]))
+
+    def gram_factors(self, op: OpSpec, A: Tensor, G: Tensor):  # a transpose keeps inner products
+        return A.reshape(A.shape[0], -1, A.shape[-1]), G.reshape(G.shape[0], -1, G.shape[-1])
 
     def permute_weight(self, op: OpSpec, W: Tensor, p_in: Tensor, p_out: Tensor, dim: int) -> Tensor:
         return W.index_select(dim, p_in).index_select(dim + 1, p_out)
