@@ -125,6 +125,35 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_fisher(args) -> int:
+    """Apply a trained curvature estimator to a model and print (and optionally save) its Fisher diagonal."""
+    import torch
+
+    from .api import capture
+    from .data.siren_fisher import fisher_diagonal
+    from .io import save_file
+    from .tasks.curvature import load
+
+    model, inputs, _, _ = _load_model(args.model, args.seed)
+    if inputs is None:
+        inputs = model.example_inputs(args.batch_size, torch.Generator().manual_seed(args.seed))
+    est = load(args.run)
+    fisher = est.predict(model, inputs)
+    graph = capture(model, inputs)
+    standard = graph.graph_to_params(fisher_diagonal(graph))
+    print(f"Fisher diagonal of {args.model} ({type(model).__name__}) on a batch of {graph.num_samples}, estimated "
+          f"by {args.run} ({est.cfg.model}); S: the empirical Fisher of the same gradients\n")
+    print(f"{'parameter':32s} {'shape':>14s} {'mean estimate':>14s} {'mean S':>12s} {'estimate / S':>12s}")
+    for name, v in fisher.items():
+        s = standard[name]
+        print(f"{name:32s} {str(tuple(v.shape)):>14s} {float(v.mean()):14.4g} {float(s.mean()):12.4g} "
+              f"{float(v.mean() / s.mean()):12.3f}")
+    if args.out:
+        save_file({"model": args.model, "run": str(args.run), "fisher": fisher}, args.out, "fisher")
+        print(f"\nwritten to {args.out} (gradgraph.io.load_file(path, 'fisher'))")
+    return 0
+
+
 def cmd_train(args) -> int:
     """Train one run of a task (under torchrun: one process per rank, see gradgraph.train.distributed)."""
     from .train.distributed import is_main, process_group
@@ -160,6 +189,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
     p.set_defaults(func=cmd_inspect)
+
+    f = sub.add_parser("fisher", help="estimate a model's Fisher diagonal with a trained curvature run",
+                       formatter_class=_Formatter)
+    f.add_argument("--run", required=True, help="a finished `gradgraph train curvature` run folder (or its best.pt)")
+    f.add_argument("--model", default="mlp", help="mlp | siren | cnn | gpt | package.module:function")
+    f.add_argument("--batch-size", type=int, default=32, help="samples whose gradients the estimate sees")
+    f.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
+    f.add_argument("--out", help="also save {name: tensor} here (gradgraph's versioned format)")
+    f.set_defaults(func=cmd_fisher)
 
     train = sub.add_parser("train", help="train a metanetwork on a task").add_subparsers(dest="task", required=True)
     for name in TASKS:

@@ -12,12 +12,18 @@ when it ends. Multi-process: ``torchrun --nproc_per_node=N -m gradgraph.cli trai
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
+from torch_geometric.utils import scatter
 
-from ..data.siren_fisher import SirenFisher
-from ..errors import UnknownNameError
+from ..api import capture
+from ..data.siren_fisher import SirenFisher, fisher_diagonal
+from ..errors import StructureMismatchError, UnknownNameError
+from ..io import load_file
 from ..nn import calibrate_scales
 from ..nn.registry import METANETWORKS
 from ..train.distributed import all_sum_tensor, main_first, world
@@ -25,7 +31,8 @@ from ..train.loop import Task, train
 from .configs import CURVATURE_MODELS, CurvatureConfig
 from .curvature_metrics import METRICS, CurvatureMetrics
 
-__all__ = ["CurvatureTask", "CurvatureConfig", "MODELS", "build_model", "train_curvature", "OutputAffine"]
+__all__ = ["CurvatureTask", "CurvatureConfig", "MODELS", "build_model", "train_curvature", "OutputAffine", "load",
+           "FisherEstimator", "estimate"]
 
 MODELS = tuple(CURVATURE_MODELS)
 CALIBRATION_GRAPHS = 256  # training graphs used to set the frozen input/moment scales
@@ -73,22 +80,35 @@ def build_model(name: str, set_size: int, example_graph=None, param_features: in
     return METANETWORKS.build(metanet, example_graph=example_graph, set_size=set_size, **hyper)
 
 
-class LogStandardFeatures(nn.Module):
-    """Feeds GradMetaNet's parameter head, per parameter, the log of the standard estimator S and of its mean
-    over the parameter's tensor in the same model (both read from the graph's own gradients): the per-parameter
-    statistics a log-scale correction of S needs, on a scale the head can use. [G * P, 2]."""
+def _tensor_segments(graph) -> torch.Tensor:
+    """[sum P]: for every trainable scalar of a (batched) graph, the index of its (graph, parameter tensor)."""
+    parts, offset = [], 0
+    for spec in graph.specs:
+        local = spec.__dict__.get("_tensor_segments")
+        if local is None:  # cached per spec, like its other tables
+            sizes = torch.tensor([p.numel for p in spec.trainable], dtype=torch.long)
+            local = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+            object.__setattr__(spec, "_tensor_segments", local)
+        parts.append(local + offset)
+        offset += len(spec.trainable)
+    return torch.cat(parts).to(graph.entry_x.device)
 
-    def __init__(self, net: nn.Module, metrics: CurvatureMetrics) -> None:
+
+class LogStandardFeatures(nn.Module):
+    """Feeds GradMetaNet's parameter head, per parameter, the log of the standard estimator S (the graph's
+    ``std_est``) and of its mean over the parameter's tensor in the same model, both read from the graph's own
+    gradients: the statistics a log-scale correction of S needs, on a scale the head can use. [sum P, 2]."""
+
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("tensor_of", metrics.tensor_of.clone(), persistent=False)
-        self.register_buffer("sizes", metrics.sizes.clone(), persistent=False)
 
     def forward(self, graph):
-        S = graph.std_est.view(graph.num_graphs, -1).double().clamp_min(1e-30)
-        mean = S.new_zeros(S.shape[0], self.sizes.numel()).index_add_(1, self.tensor_of, S) / self.sizes
-        feats = torch.stack([S.log(), mean.log()[:, self.tensor_of]], -1) / 10
-        return self.net(graph, feats.reshape(-1, 2).to(graph.entry_x.dtype))
+        S = graph.std_est.reshape(-1).double().clamp_min(1e-30)
+        seg = _tensor_segments(graph)
+        mean = scatter(S, seg, 0, reduce="mean")
+        feats = torch.stack([S.log(), mean.log()[seg]], -1) / 10
+        return self.net(graph, feats.to(graph.entry_x.dtype))
 
 
 def _batches(dataset, indices: list[int], batch_size: int):
@@ -106,6 +126,14 @@ def load_dataset(cfg: CurvatureConfig, progress: bool = True) -> SirenFisher:
 
 
 MAX_LOG_RATIO = 30.0  # |h| is clamped before exp: an untrained model cannot overflow float32
+
+
+def estimate(out: torch.Tensor, standard: torch.Tensor, output: str, mu: float, sigma: float) -> torch.Tensor:
+    """The Fisher-diagonal estimate from a model's output (same shape as ``standard``, the standard estimator):
+    ``S * exp(h)`` for ``output="positive"``, the de-standardized output for ``"z"``."""
+    if output == "z":
+        return out * sigma + mu
+    return standard.to(out.dtype).clamp_min(1e-30) * torch.exp(out.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
 class CurvatureTask(Task):
@@ -138,7 +166,7 @@ class CurvatureTask(Task):
         example = self.data[self.split["train"][0]]
         log_features = self.cfg.output == "positive" and CURVATURE_MODELS[self.cfg.model][0] == "gradmetanet"
         net = build_model(self.cfg.model, self.data.config["num_points"], example, param_features=2 * log_features)
-        return OutputAffine(LogStandardFeatures(net, self.metrics) if log_features else net)
+        return OutputAffine(LogStandardFeatures(net) if log_features else net)
 
     def _standard(self, batch) -> torch.Tensor:
         return batch.std_est.view(batch.num_graphs, -1)
@@ -146,10 +174,7 @@ class CurvatureTask(Task):
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
         """Fisher-diagonal estimates [G, P] in the targets' units."""
         out = model(batch).reshape(batch.num_graphs, -1)
-        if self.cfg.output == "z":
-            return out * self.sigma + self.mu
-        s = self._standard(batch).to(out.dtype).clamp_min(1e-30)
-        return s * torch.exp(out.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+        return estimate(out, self._standard(batch), self.cfg.output, self.mu, self.sigma)
 
     def _fit_target(self, batch) -> torch.Tensor:
         y = batch.y.view(batch.num_graphs, -1)
@@ -218,3 +243,39 @@ def train_curvature(cfg: CurvatureConfig, dataset: SirenFisher | None = None, pr
     if cfg.model not in CURVATURE_MODELS:
         raise UnknownNameError(f"unknown curvature model {cfg.model!r}: choose one of {', '.join(MODELS)}")
     return train(CurvatureTask(cfg, dataset, progress), progress, stop_after_epochs)
+
+
+class FisherEstimator:
+    """A trained curvature model applied to any model gradgraph captures (see :func:`load`)."""
+
+    def __init__(self, cfg: CurvatureConfig, net: nn.Module, mu: float, sigma: float) -> None:
+        self.cfg, self.net, self.mu, self.sigma = cfg, net.eval(), mu, sigma
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, inputs, targets=None, loss_fn=None) -> dict[str, torch.Tensor]:
+        """The Fisher diagonal of ``model``'s per-sample quantity on this batch (as for :func:`gradgraph.capture`;
+        the task was trained on the regression Fisher, ``loss_fn=None``): ``{name: tensor shaped like the
+        parameter}``. The standard estimator of the same gradients is ``graph.std_est``'s decoding."""
+        graph = capture(model, inputs, targets, loss_fn)
+        graph.std_est = fisher_diagonal(graph).to(graph.entry_x.dtype)
+        batch = Batch.from_data_list([graph])
+        out = self.net(batch).reshape(1, -1)
+        return graph.graph_to_params(estimate(out, batch.std_est.view(1, -1), self.cfg.output, self.mu,
+                                              self.sigma)[0])
+
+
+def load(path) -> FisherEstimator:
+    """The best-validation model of a finished curvature run (its folder, or its ``best.pt``)."""
+    path = Path(path)
+    best = path / "best.pt" if path.is_dir() else path
+    payload = load_file(best, "weights", remedy="rerun the training to rewrite it")
+    identity, metrics = payload["identity"], payload["metrics"]
+    cfg = CurvatureConfig(**identity)
+    log_features = cfg.output == "positive" and CURVATURE_MODELS[cfg.model][0] == "gradmetanet"
+    if CURVATURE_MODELS[cfg.model][0] not in ("gradmetanet", "gradmetanet++", "gmn") or cfg.model == "gmn-concat":
+        raise StructureMismatchError(f"{best}: a '{cfg.model}' model flattens its training architecture into features "
+                               "and cannot be applied to other models; use a gradmetanet or gmn-average run")
+    net = build_model(cfg.model, cfg.num_points, param_features=2 * log_features)
+    model = OutputAffine(LogStandardFeatures(net) if log_features else net)
+    model.load_state_dict(payload["model"])
+    return FisherEstimator(cfg, model, metrics["target_mean"], metrics["target_std"])
