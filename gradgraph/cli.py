@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, fields, replace
 
 from .bench import BENCHMARKS
-from .errors import GradGraphError
+from .errors import ConfigError, GradGraphError
 from .registry import load_object
 from .tasks import TASKS
 
@@ -73,7 +73,13 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
     for f in fields(config_cls):
         if isinstance(values[f.name], list):
             values[f.name] = tuple(values[f.name])
-    return config_cls(**values)
+    try:
+        return config_cls(**values)
+    except ConfigError as e:  # name the option, not the field
+        text = str(e)
+        for f in fields(config_cls):
+            text = text.replace(f"{config_cls.__name__}.{f.name} ", f"--{f.name.replace('_', '-')} ")
+        raise ConfigError(text) from None
 
 
 # -- commands --------------------------------------------------------------------------------------------

@@ -37,3 +37,11 @@ class UnknownNameError(GradGraphError, ValueError):
 
 class FileFormatError(GradGraphError, ValueError):
     """A stored file (dataset, checkpoint, graph) is of another kind or format version, or is corrupted."""
+
+
+class ConfigError(GradGraphError, ValueError):
+    """A setting (a config field, a command-line option) has a value outside what works."""
+
+
+class RunDirConflictError(GradGraphError, FileExistsError):
+    """A run folder holds the files of a run with other settings."""

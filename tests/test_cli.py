@@ -60,3 +60,8 @@ def test_a_registered_task_gets_its_command_for_free(tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit):
         main(["train", "toy", "--noise", "much"])  # typed from the annotation
     assert "invalid float value" in capsys.readouterr().err
+
+
+def test_out_of_range_options_name_the_option(capsys):
+    assert main(["train", "curvature", "--train-size", "-3", "--quiet"]) == 2
+    assert "error: --train-size = -3 is out of range: it must be >= 1" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_cli_train_and_bench(tmp_path, monkeypatch, capsys):
     assert main(["train", "curvature", "--train-size", "5", "--epochs", "1", "--num-models", "45",
                  "--num-points", "8", "--out-dir", str(tmp_path / "runs"), "--quiet"]) == 0
     assert '"test_mse"' in capsys.readouterr().out
-    bench = ["bench", "curvature", "--preset", "tiny", "--out-dir", str(tmp_path / "runs"), "--results",
+    bench = ["bench", "curvature", "--preset", "tiny", "--out-dir", str(tmp_path / "grid"), "--results",
              str(tmp_path / "results"), "--quiet"]
     assert main(bench + ["--shard", "1/2"]) == 0  # the second of the preset's two runs
     first = (tmp_path / "results" / "curvature_tiny.md").read_text()

@@ -1,5 +1,6 @@
 """The training loop on a toy task: it learns, resumes exactly, stops early or after a step budget, keeps the
 best-validation weights, and writes versioned files that load with weights_only=True."""
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradgraph.errors import FileFormatError
+from gradgraph.errors import ConfigError, FileFormatError, RunDirConflictError
 from gradgraph.io import load_file
 from gradgraph.train import RunDir, Task, TrainConfig, epoch_order, option, train
 
@@ -80,10 +81,27 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(tmp_path):
     assert resumed["history"] == whole["history"] and resumed["test_mse"] == whole["test_mse"]
 
 
-def test_other_settings_do_not_resume_a_checkpoint(tmp_path):
-    train(ToyTask(_cfg(tmp_path, epochs=6)), progress=False, stop_after_epochs=2)
-    other = train(ToyTask(_cfg(tmp_path, epochs=6, noise=0.5)), progress=False)
-    assert len(other["history"]) == 6 and other["history"][0]["epoch"] == 1  # started again
+def test_a_run_folder_belongs_to_one_set_of_settings(tmp_path):
+    train(ToyTask(_cfg(tmp_path, epochs=6)), progress=False, stop_after_epochs=2)  # unfinished
+    with pytest.raises(RunDirConflictError, match=r"seed0 holds a run with other settings \(noise: 0.1 there, 0.5 now"):
+        train(ToyTask(_cfg(tmp_path, epochs=6, noise=0.5)), progress=False)
+    assert (tmp_path / "seed0" / "checkpoint.pt").exists()  # nothing was discarded
+    done = train(ToyTask(_cfg(tmp_path, epochs=6)), progress=False)  # the same settings: resumed and finished
+    with pytest.raises(RunDirConflictError, match="epochs: 6 there, 3 now"):
+        train(ToyTask(_cfg(tmp_path, epochs=3)), progress=False)
+    assert json.loads((tmp_path / "seed0" / "metrics.json").read_text())["test_mse"] == done["test_mse"]
+    other = train(ToyTask(_cfg(tmp_path, epochs=6, noise=0.5, overwrite=True)), progress=False)
+    assert len(other["history"]) == 6 and other["history"][0]["epoch"] == 1  # replaced, on request
+
+
+@pytest.mark.parametrize("bad,match", [(dict(epochs=0), "epochs = 0 is out of range: it must be >= 1"),
+                                       (dict(batch_size=-1), "batch_size = -1 is out of range"),
+                                       (dict(lr=0.0), "lr = 0.0 is out of range: it must be > 0"),
+                                       (dict(seed="1"), "seed must be int, got str"),
+                                       (dict(patience=0), "patience = 0 is out of range")])
+def test_bad_settings_are_refused_when_the_config_is_built(tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, **bad)
 
 
 def test_early_stopping_and_step_budget(tmp_path):

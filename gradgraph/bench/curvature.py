@@ -54,7 +54,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-calibrated", dest="calibrated", action="store_false",
                    help="skip the calibrated baselines (they take about a minute per training size)")
     p.add_argument("--datasets-dir", help="parent folder of the datasets (default $GRADGRAPH_DATASETS or datasets/)")
-    p.add_argument("--out-dir", default="runs/curvature", help="run folders")
+    p.add_argument("--out-dir", help="run folders (default runs/curvature-<preset>: a run folder belongs to one set "
+                   "of settings, so presets do not share one)")
     p.add_argument("--results", default="benchmarks/results", help="where the table and plot go")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i; start n processes with "
@@ -73,9 +74,10 @@ def grid(args) -> dict:
 
 
 def _configs(args, g: dict) -> list[CurvatureConfig]:
+    out_dir = args.out_dir or f"runs/curvature-{args.preset}"
     root = None if not args.datasets_dir else str(Path(args.datasets_dir) / "siren_fisher")
     return [CurvatureConfig(model=m, train_size=n, seed=s, epochs=g["epochs"], patience=g["patience"],
-                            num_models=g["num_models"], num_points=g.get("num_points", 128), out_dir=args.out_dir,
+                            num_models=g["num_models"], num_points=g.get("num_points", 128), out_dir=out_dir,
                             device=args.device, output=args.output, loss=args.loss, select=args.select,
                             dataset_root=root)
             for n in g["sizes"] for m in g["models"] for s in g["seeds"]]

@@ -37,10 +37,10 @@ class CurvatureConfig(TrainConfig):
     paper's setting exactly."""
 
     model: str = option("gradmetanet", "the metanetwork or baseline", choices=list(CURVATURE_MODELS))
-    train_size: int = option(2000, "training models (the first N of the training pool)")
-    num_models: int = option(3000, "dataset size (500 test, 500 validation, the rest the training pool)")
-    num_points: int = option(128, "gradients per graph (the set size)")
-    data_seed: int = option(0, "seed of the generated dataset")
+    train_size: int = option(2000, "training models (the first N of the training pool)", low=1)
+    num_models: int = option(3000, "dataset size (500 test, 500 validation, the rest the training pool)", low=4)
+    num_points: int = option(128, "gradients per graph (the set size)", low=1)
+    data_seed: int = option(0, "seed of the generated dataset", low=0)
     output: str = option("positive", "'positive': the model predicts h per parameter and the estimate is "
                          "S * exp(h), S the standard estimator (never <= 0); 'z': the paper's unconstrained output "
                          "in globally z-scored units", choices=["positive", "z"])

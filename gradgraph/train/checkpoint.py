@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import RunDirConflictError
 from ..io import atomic_write_text, load_file, save_file
-from .distributed import is_main
+from .distributed import barrier, is_main
 
 __all__ = ["RunDir"]
 
@@ -37,6 +38,33 @@ class RunDir:
     @property
     def best_path(self) -> Path:
         return self.path / "best.pt"
+
+    def claim(self, overwrite: bool = False) -> None:
+        """Make sure the folder holds nothing of a run with other settings: refuse (naming the folder and the
+        differing settings) or, with ``overwrite``, delete those files. A run with the same settings is left
+        alone (it is resumed or read back)."""
+        other = self._owner()
+        if other is None or other == self.identity:
+            return
+        if not overwrite:
+            diff = {k: (other.get(k), self.identity.get(k)) for k in sorted(set(other) | set(self.identity))
+                    if other.get(k) != self.identity.get(k)}
+            listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise RunDirConflictError(f"{self.path} holds a run with other settings ({listed}). Use another output "
+                                      "folder, or pass overwrite=True (--overwrite) to replace it.")
+        if is_main():
+            for p in (self.checkpoint_path, self.metrics_path, self.best_path):
+                p.unlink(missing_ok=True)
+        barrier()
+
+    def _owner(self) -> dict | None:
+        """The identity of the run whose files are in the folder, or None."""
+        if self.metrics_path.exists():
+            return json.loads(self.metrics_path.read_text()).get("config", {}).get("identity")
+        if self.checkpoint_path.exists():
+            return load_file(self.checkpoint_path, "checkpoint", "cpu",
+                             remedy="delete it to start the run again").get("identity")
+        return None
 
     def finished(self) -> dict | None:
         """The metrics of a finished run with this identity, or None."""

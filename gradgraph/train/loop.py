@@ -100,6 +100,7 @@ def train(task: Task, progress: bool = True, stop_after_epochs: int | None = Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.run_dir, cfg.identity())
+    run.claim(cfg.overwrite)
     done = run.finished()
     if done is not None:
         return done
