@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from .capture import CaptureSession
-from .errors import LossShapeError
+from .errors import GradGraphError, LossShapeError
 from .graph import symmetry as _symmetry
 from .graph.build import build_graph, build_spec
 from .graph.gradient_graph import GradientGraph
@@ -51,6 +52,38 @@ def per_sample_losses(output, targets, loss_fn: Callable | None, batch_size: int
     return losses
 
 
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size: the first dimension of the first input tensor that has one (0-d tensors are constants)."""
+    for t in tree_flatten((args, kwargs))[0]:
+        if isinstance(t, Tensor) and t.ndim:
+            return int(t.shape[0])
+    return None
+
+
+def check_capture_inputs(model, args: tuple, kwargs: dict, targets, loss_fn) -> None:
+    """The validation layer of capture's entry: every bad input gets an error naming it and what works."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gradgraph.capture needs a torch.nn.Module, got {type(model).__name__}")
+    if torch.is_inference_mode_enabled():
+        raise GradGraphError("gradgraph.capture was called inside torch.inference_mode(), which disables autograd "
+                             "for good; call it outside the inference_mode block (no_grad is fine)")
+    if targets is not None and loss_fn is None:
+        raise LossShapeError("targets were given without a loss_fn, so they would be ignored (with loss_fn=None the "
+                             "graph holds gradients of the sum of each sample's outputs); pass loss_fn, e.g. "
+                             "gradgraph.losses.per_sample_cross_entropy, or drop the targets")
+    b = _batch_size(args, kwargs)
+    if b is None:
+        raise GradGraphError("the inputs contain no tensor with a batch axis; gradgraph needs the batch as the "
+                             "first dimension of the inputs")
+    if b == 0:
+        raise GradGraphError("the batch is empty (its first dimension is 0): a gradient graph needs at least one "
+                             "sample")
+    leaves = [t for t in tree_flatten(targets)[0] if isinstance(t, Tensor) and t.ndim]
+    if leaves and any(t.shape[0] != b for t in leaves):
+        raise LossShapeError(f"the targets have {[int(t.shape[0]) for t in leaves]} rows but the batch has {b} "
+                             "samples; give one target per sample")
+
+
 def capture(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None) -> GradientGraph:
     """Run one forward and one backward pass of ``model`` on a batch and return its
     :class:`~gradgraph.GradientGraph`.
@@ -70,11 +103,15 @@ def capture(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = N
     was (forwards restored, no hooks remain).
     """
     args, kwargs = _call_args(inputs)
+    check_capture_inputs(model, args, kwargs, targets, loss_fn)
     session = CaptureSession(model, use_hooks=False)
     with session:
         output = model(*args, **kwargs)
     with torch.enable_grad():
         losses = per_sample_losses(output, targets, loss_fn, session.batch_size)
+        if not losses.requires_grad:
+            raise LossShapeError("the per-sample losses do not depend on the model's output (loss_fn returned a "
+                                 "tensor without a gradient), so there is no gradient to capture")
         session.collect_grads(losses.sum())
     return build_graph(session.records())
 

@@ -195,3 +195,45 @@ def test_a_parameter_used_by_the_models_own_code_is_refused_not_half_differentia
     frozen = GlueUse()
     frozen.emb.weight.requires_grad_(False)  # a frozen parameter is a constant: captured, nothing to refuse
     assert gradgraph.capture(frozen, torch.randint(7, (3, 2))).num_params == 0
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m: gradgraph.capture(m, torch.randn(5, 3), torch.randn(5, 1)), "LossShapeError", "without a loss_fn"),
+    (lambda m: gradgraph.capture(m, torch.randn(0, 3)), "GradGraphError", "the batch is empty"),
+    (lambda m: gradgraph.capture(m, torch.randn(5, 3), torch.randn(4, 1), per_sample_mse), "LossShapeError",
+     r"targets have \[4\] rows but the batch has 5"),
+    (lambda m: gradgraph.capture(m, torch.randn(5, 3), torch.randn(5, 1), lambda o, y: torch.zeros(5)),
+     "LossShapeError", "do not depend on the model"),
+    (lambda m: gradgraph.capture(m, torch.randn(5, 3), torch.randn(5), per_sample_mse), "LossShapeError",
+     "same shape"),
+])
+def test_bad_capture_inputs_name_the_culprit(call, error, match):
+    with pytest.raises(getattr(gradgraph, error), match=match):
+        call(_mlp())
+
+
+def test_capture_modes_and_constant_arguments():
+    m = _mlp()
+    with torch.inference_mode(), pytest.raises(gradgraph.GradGraphError, match="inference_mode"):
+        gradgraph.capture(m, torch.randn(5, 3))
+    with torch.no_grad():  # capture turns autograd on for its own pass
+        assert gradgraph.capture(m, torch.randn(5, 3)).num_samples == 5
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, k, x):
+            return self.lin(x) * k
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model = Scaled().double()
+    graph = gradgraph.capture(model, (torch.tensor(2.0, dtype=torch.float64), x))  # a 0-d constant first
+    assert graph.num_samples == 5
+    ref = oracle.per_sample_grads(model, (torch.tensor(2.0, dtype=torch.float64), x))
+    torch.testing.assert_close(graph.per_sample_grads()["lin.weight"], ref["lin.weight"])

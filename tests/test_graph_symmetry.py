@@ -186,3 +186,17 @@ def test_the_graph_stage_refuses_a_module_and_points_to_the_top_level():
     spec = gradgraph.random_symmetry(c.model, example_inputs=c.inputs).spec
     s = graph_random_symmetry(spec, generator=torch.Generator().manual_seed(0))
     assert not s.is_identity() and s.spec is spec
+
+
+def test_a_symmetry_refuses_another_models_tensors():
+    from gradgraph.models import MLP
+
+    a, b = MLP(3, (4,), 2), MLP(3, (5,), 2)  # the same parameter names, other shapes
+    s = gradgraph.random_symmetry(a, example_inputs=torch.randn(2, 3))
+    assert not s.is_identity()
+    with pytest.raises(gradgraph.StructureMismatchError, match=r"\(5, 3\).*\(4, 3\)"):
+        gradgraph.apply_symmetry(b, s)
+    with pytest.raises(gradgraph.StructureMismatchError, match=r"'net.0.weight' has shape \(5, 3\)"):
+        gradgraph.apply_symmetry(dict(b.named_parameters()), s)
+    moved = gradgraph.apply_symmetry(dict(a.named_parameters()), s)  # its own model: fine
+    assert moved["net.0.weight"].shape == (4, 3)

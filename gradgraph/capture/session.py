@@ -131,8 +131,8 @@ class CaptureSession:
                 "the model was called twice while gradgraph was recording; a gradient graph records exactly one "
                 "forward and one backward pass. Start a new capture (or GradientRecorder) for every batch.")
         self._calls += 1
-        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        if not leaves or leaves[0].ndim == 0:
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.ndim]  # 0-d: constants
+        if not leaves:
             raise GradGraphError("the model's inputs contain no tensor with a batch axis; gradgraph needs the "
                                  "batch as the first dimension of the inputs")
         self.batch_size = int(leaves[0].shape[0])

@@ -105,6 +105,15 @@ def _apply_params(params: Mapping[str, Tensor], sym: Symmetry, batch_dims: int) 
     if unknown:
         raise StructureMismatchError(f"apply_symmetry: {unknown} are not parameters or buffers of the model this "
                                      "symmetry was drawn for")
+    shapes = {p.name: p.shape for p in spec.params} | {name: tuple(shape) for name, shape in spec.buffers}
+    for name, t in params.items():  # names alone would let a same-named tensor of another model through
+        want = shapes[name]
+        got = tuple(t.shape[batch_dims:batch_dims + len(want)])
+        if got != tuple(want):
+            raise StructureMismatchError(
+                f"apply_symmetry: '{name}' has shape {tuple(t.shape)} (after {batch_dims} batch dims: {got}), but the "
+                f"model this symmetry was drawn for has {tuple(want)}; draw the symmetry from this model "
+                "(gradgraph.random_symmetry(model, example_inputs=...))")
     out = {k: v.clone() for k, v in params.items()}
     d = batch_dims
     for op in spec.ops:
@@ -129,10 +138,14 @@ def _apply_params(params: Mapping[str, Tensor], sym: Symmetry, batch_dims: int) 
 
 
 def _apply_module(model: nn.Module, sym: Symmetry) -> nn.Module:
-    names = [n for n, _ in model.named_parameters()]
-    if names != [p.name for p in sym.spec.params]:
-        raise StructureMismatchError("apply_symmetry: the module's parameters do not match the model this "
-                                     "symmetry was drawn for")
+    have = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    want = [(p.name, tuple(p.shape)) for p in sym.spec.params]
+    if have != want:
+        diff = [f"{a} vs {b}" for a, b in zip(have, want) if a != b][:3] or [f"{len(have)} vs {len(want)} tensors"]
+        raise StructureMismatchError(
+            f"apply_symmetry: the parameters of this {type(model).__name__} do not match the model this symmetry was "
+            f"drawn for ({'; '.join(diff)}); draw the symmetry from this model "
+            "(gradgraph.random_symmetry(model, example_inputs=...))")
     new = copy.deepcopy(model)
     state = {n: t.detach() for n, t in new.named_parameters()}
     state.update({n: b for n, b in new.named_buffers() if n in dict(sym.spec.buffers)})
