@@ -102,3 +102,32 @@ def test_files_are_plain_versioned_data_and_old_files_get_a_clear_error(tmp_path
     torch.save({"config": ds.config, "spec": ds.spec, "y": ds.y}, ds.processed_paths[0])  # the old pickled layout
     with pytest.raises(FileFormatError, match="siren_fisher_.*pt.*delete the file to regenerate the dataset"):
         SirenFisher(tmp_path / "v", **SMALL)
+
+
+def test_resuming_with_another_chunk_size_and_a_damaged_chunk(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = SirenFisher._generate
+
+    def crashing(self, indices, bar):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, indices, bar)
+
+    monkeypatch.setattr(SirenFisher, "_generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        SirenFisher(tmp_path / "r", **SMALL)  # chunk_size 5: one chunk of 5 written
+    monkeypatch.setattr(SirenFisher, "_generate", original)
+    other = SirenFisher(tmp_path / "r", **{**SMALL, "chunk_size": 7})  # resumed with another chunk size
+    fresh = SirenFisher(tmp_path / "f", **SMALL)
+    assert other.y.shape == fresh.y.shape and torch.equal(other.y, fresh.y)
+
+    monkeypatch.setattr(SirenFisher, "_generate", crashing)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        SirenFisher(tmp_path / "d", **SMALL)
+    monkeypatch.setattr(SirenFisher, "_generate", original)
+    chunk = next((tmp_path / "d" / "raw").rglob("chunk_*.pt"))
+    chunk.write_bytes(chunk.read_bytes()[:100])  # damaged outside gradgraph (a disk fault)
+    healed = SirenFisher(tmp_path / "d", **SMALL)
+    assert torch.equal(healed.y, fresh.y) and torch.equal(healed.entry_x, fresh.entry_x)

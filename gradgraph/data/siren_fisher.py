@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch_geometric.data import InMemoryDataset
 from tqdm.auto import tqdm
 
 from ..api import capture
+from ..errors import FileFormatError
 from ..graph.gradient_graph import GradientGraph
 from ..graph.spec import GraphSpec
 from ..io import atomic_write_text, load_file, save_file
@@ -95,7 +97,8 @@ class SirenFisher(InMemoryDataset):
     # -- PyG dataset protocol -----------------------------------------------------------------------------
     @property
     def raw_dir(self) -> str:
-        return os.path.join(self.root, "raw", self.tag)
+        # the chunk layout is part of the chunks' fingerprint: resuming with another chunk_size starts new chunks
+        return os.path.join(self.root, "raw", f"{self.tag}-c{self.chunk_size}")
 
     @property
     def raw_file_names(self) -> list[str]:
@@ -114,9 +117,22 @@ class SirenFisher(InMemoryDataset):
         bar = tqdm(total=n, desc="generating SirenFisher", unit="model", disable=not self.progress)
         bar.update(n - sum(min(self.chunk_size, n - i * self.chunk_size) for i in missing))
         for i in missing:
-            lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, n)
-            save_file(self._generate(range(lo, hi), bar), self.raw_paths[i], "dataset-chunk")
+            self._write_chunk(i, bar)
         bar.close()
+
+    def _write_chunk(self, i: int, bar) -> None:
+        lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, self.config["num_models"])
+        save_file(self._generate(range(lo, hi), bar), self.raw_paths[i], "dataset-chunk")
+
+    def _read_chunk(self, i: int) -> dict:
+        """A chunk; a damaged one (a crash outside gradgraph's atomic writes, a disk fault) is generated again."""
+        try:
+            return load_file(self.raw_paths[i], "dataset-chunk")
+        except FileFormatError as e:
+            print(f"SirenFisher: {e}; generating chunk {i} again", file=sys.stderr)
+            os.remove(self.raw_paths[i])
+            self._write_chunk(i, tqdm(disable=True))
+            return load_file(self.raw_paths[i], "dataset-chunk")
 
     def _generate(self, indices, bar) -> dict:
         cfg = self.config
@@ -136,7 +152,7 @@ class SirenFisher(InMemoryDataset):
 
     def process(self) -> None:
         raw_paths = self.raw_paths
-        chunks = [load_file(path, "dataset-chunk", remedy="delete it to regenerate the chunk") for path in raw_paths]
+        chunks = [self._read_chunk(i) for i in range(len(raw_paths))]
         data = {"config": self.config, "spec": chunks[0]["spec"]}
         for key in ("entry_x", "y", "std_est", "p"):
             data[key] = torch.cat([c[key] for c in chunks])
@@ -204,7 +220,8 @@ X_p: p ~ U[0, 1] per model, x = 2 B - 1 with B ~ Beta(0.5 + 4p, 4.5 - 4p).
 
 Splits: models 0-499 test, 500-999 validation, 1000-2999 training pool (train size N = its first N).
 
-Files: `raw/<tag>/chunk_*.pt` (100 models each, written atomically; generation resumes from them, and they are
-deleted once `processed/siren_fisher_<tag>.pt` holds everything), where `<tag>` hashes the generation settings.
-The same seed gives the same files.
+Files: `raw/<tag>-c<chunk size>/chunk_*.pt` (100 models each by default, written atomically; generation resumes
+from them, a damaged chunk is generated again, and they are deleted once `processed/siren_fisher_<tag>.pt` holds
+everything), where `<tag>` hashes the generation settings. Every file carries a hash of its content, checked on
+load. The same seed gives the same files.
 """
