@@ -54,7 +54,7 @@ def content_hash(payload) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
         elif isinstance(x, dict):
             h.update(b"D%d" % len(x))
             for k, v in x.items():

@@ -40,3 +40,10 @@ def test_damaged_truncated_foreign_and_old_files_are_refused(tmp_path):
     torch.save({"format": "gradgraph.test", "version": 1, "payload": {}}, path)
     with pytest.raises(FileFormatError, match="format version 1"):
         load_file(path, "test")
+
+
+def test_scalars_and_empty_tensors_hash(tmp_path):
+    payload = {"s": torch.tensor(3.0), "e": torch.zeros(0, 2), "b": torch.tensor([True]), "h": torch.ones(2).half()}
+    save_file(payload, tmp_path / "s.pt", "test")
+    assert torch.equal(load_file(tmp_path / "s.pt", "test")["s"], torch.tensor(3.0))
+    assert content_hash({"s": torch.tensor(3.0)}) != content_hash({"s": torch.tensor(3.5)})
