@@ -23,8 +23,11 @@ so only the relative scale across samples matters, but a wrong reduction changes
 **State.** Per parameter: ``momenta`` [*shape, 6] (the feature EMAs) and ``momentum`` [*shape] (the update's
 m_mu); optimizer-wide under the key ``"lopt"``: ``step`` and ``node_avg`` (the pooled-neuron averages of
 ``ds+gradmetanet``). ``state_dict()`` also holds the meta-parameters (``"meta"``), so model + optimizer state
-resume a run exactly. Param groups take ``lr``, a multiplier of the learned alpha (default 1.0; schedulers
-work on it). Parameters whose ``.grad`` is None are stepped with a zero gradient.
+resume a run exactly. ``sgdm`` (F = 0) steps along ``momentum`` with foreach ops and leaves ``momenta`` at zero
+(nothing reads them); the other variants compute F with the chunked fast path of :mod:`gradgraph.optim.fast`
+(equal to the reference ``learned_term`` on [P, 19] features up to float rounding), or through
+``learned_term`` itself for a rule class that overrides it. Param groups take ``lr``, a multiplier of the
+learned alpha (default 1.0; schedulers work on it). Parameters whose ``.grad`` is None are stepped with a zero gradient.
 """
 from __future__ import annotations
 
