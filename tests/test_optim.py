@@ -10,7 +10,7 @@ import gradgraph
 from gradgraph.models.reference import MLP
 from gradgraph.optim import VARIANTS, LearnedOptimizer, RecordError
 from gradgraph.optim.features import DECAYS, TIMESCALES, segments, unf_features
-from gradgraph.optim.variants import DS, param_neurons
+from gradgraph.optim.variants import DS, DSGradMetaNet, param_neurons
 
 ALL = VARIANTS.names()
 
@@ -214,3 +214,38 @@ def test_the_equivariance_check_can_fail():
     meta = _PositionDependent()
     meta.load_state_dict(_meta("ds").state_dict())
     assert _equivariance_gap("ds", meta) > 1e-3
+
+
+class _ReferenceDS(DS):
+    """DS through the reference path (learned_term on [P, 19] features): not the chunked fast path."""
+
+    def learned_term(self, features, ctx):
+        return super().learned_term(features, ctx)
+
+
+class _ReferenceDSGradMetaNet(DSGradMetaNet):
+    def learned_term(self, features, ctx):
+        return super().learned_term(features, ctx)
+
+
+@pytest.mark.parametrize("variant,ref", [("ds", _ReferenceDS), ("ds+gradmetanet", _ReferenceDSGradMetaNet)])
+@pytest.mark.parametrize("chunk", [5, 37, None])
+def test_the_chunked_fast_step_matches_the_reference(variant, ref, chunk, monkeypatch):
+    """Chunks inside one tensor and across tensor boundaries (chunk 5, 37) give the reference update."""
+    import gradgraph.optim.fast as fast
+    if chunk:
+        monkeypatch.setattr(fast, "CHUNK", chunk)
+    torch.manual_seed(0)
+    model = MLP(8, (16, 12), 4)
+    model2 = copy.deepcopy(model)
+    meta = _meta(variant)
+    meta2 = ref(**meta.hyper())
+    meta2.load_state_dict(meta.state_dict())
+    batches = [_batch(seed=s) for s in range(4)]
+    opt, opt2 = LearnedOptimizer(model, variant, meta=meta), LearnedOptimizer(model2, variant, meta=meta2)
+    _run(model, opt, batches)
+    _run(model2, opt2, batches)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float rounding (reassociated sums)
+    w = model.net[0].weight
+    torch.testing.assert_close(opt.state[w]["momenta"], opt2.state[model2.net[0].weight]["momenta"])

@@ -83,6 +83,30 @@ def _stepper(name: str, model, inner: int):
     return step
 
 
+def _capture_overhead(model, x, y, n: int) -> tuple[float, float]:
+    """Median ms of a recorded forward + backward with its gradient graph built, and of a plain one."""
+    opt = LearnedOptimizer(model, "ds+gradmetanet")
+
+    def plain():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    def recorded():
+        with opt.record():
+            plain()
+        opt._take_graph()
+    out = []
+    for f in (recorded, plain):
+        f()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        out.append(1000 * statistics.median(ts))
+    return out[0], out[1]
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     sizes = {"tiny": (16, (16,), 4)} if args.tiny else {k: SIZES[k] for k in args.sizes}
@@ -107,6 +131,9 @@ def run(args) -> int:
         if "ds" in ms and "ds+gradmetanet" in ms:
             lines.append(f"| | | GradMetaNet extra over ds | {ms['ds+gradmetanet'] - ms['ds']:.2f} | "
                          f"{(ms['ds+gradmetanet'] - ms['ds']) / ms['ds']:.2f}x ds | | |")
+            rec, plain = _capture_overhead(models["ds+gradmetanet"], x, y, 3 if reps == 1 else 21)
+            lines.append(f"| | | capture + graph (recorded fwd+bwd {rec:.2f} - plain {plain:.2f}) | "
+                         f"{rec - plain:.2f} | | | |")
     lines += ["", "Goals (issue #13): GradMetaNet extra <= 0.5x the ds step; every variant <= 1.5x its floor at width "
               "1024; fixed overhead <= 1 ms on the digits MLP. Paper: GradMetaNet optimizer at 0.61-0.73x Adam's "
               "iterations/s (A100)."]

@@ -97,9 +97,14 @@ class RunningScale(nn.Module):
         self.observe(x)
         return x / self.scale(x)
 
+    @property
+    def observing(self) -> bool:
+        """Whether :meth:`observe` would update the statistics (training mode, not frozen)."""
+        return self.training and not bool(self.frozen)
+
     def observe(self, x: Tensor) -> None:
         """In training mode, fold the mean square of ``x`` [N, C] (this batch) into the running statistics."""
-        if not self.training or bool(self.frozen):
+        if not self.observing:
             return
         with torch.no_grad():
             ms = self._batch_mean_square(x.detach())

@@ -101,8 +101,9 @@ class MomentTerms(nn.Module):
         # one running scale per channel over every parameter of the batch: paired weight terms and bias terms
         # together (they are the same moment for weights and for biases), factorized terms apart
         flat = lambda ts: [t.reshape(-1, t.shape[-1]) for t in ts]  # noqa: E731
-        self.paired_scale.observe(torch.cat(flat([t[0] for t in pairs.values()]) + flat(biases.values())))
-        if pairs:
+        if self.paired_scale.observing:  # (the [P, c] concatenation only when it is used)
+            self.paired_scale.observe(torch.cat(flat([t[0] for t in pairs.values()]) + flat(biases.values())))
+        if pairs and self.factorized_scale.observing:
             self.factorized_scale.observe(torch.cat(flat([t[1] for t in pairs.values()])))
         weights = {key: self.paired_out(p / self.paired_scale.scale(p)) + self.factorized_out(
                    f / self.factorized_scale.scale(f)) for key, (p, f) in pairs.items()}
@@ -137,7 +138,10 @@ class ParamHead(nn.Module):
     psi = a^2 the empirical Fisher diagonal, which is where two of its channels start. The pairwise MLP's output
     layer starts at zero, so the head starts from the moment terms and learns a correction.
 
-    ``param_features`` ([P, F], theta order, e.g. the weights themselves) enter the pairwise term."""
+    ``param_features`` ([P, F], theta order, e.g. the weights themselves) enter the pairwise term. The pairwise
+    term is evaluated in chunks of out-neuron rows of about ``CHUNK`` values (same result, bounded memory)."""
+
+    CHUNK = 1 << 18
 
     def __init__(self, node_channels: int, out_channels: int, hidden: int | None = None,
                  entry_channels: int | None = None, bilinear_channels: int = 8, param_features: int = 0,
@@ -173,11 +177,19 @@ class ParamHead(nn.Module):
                 if tidx is not None:
                     d = self.dst(u_out)[:, :, None, None]
                     s = op_kind.align_source(self.src(group.nodes(u, lin)))
-                    pre = d + s + self.offset(op_kind.kernel_coords(op).to(u.device, u.dtype)) + kind
-                    if self.param_lin is not None:
-                        pre = pre + self.param_lin(param_features[tidx])
-                    val = self.out(F.gelu(pre)) + m_weights.get((gi, k), 0)
-                    out[tidx.reshape(-1)] = val.reshape(-1, self.out_channels)
+                    off = self.offset(op_kind.kernel_coords(op).to(u.device, u.dtype))
+                    mw = m_weights.get((gi, k), 0)
+                    # chunks of out-neuron rows: the [G, n_out, n_in', K, hidden] tensor is never built whole
+                    n_out = tidx.shape[1]
+                    step = max(1, self.CHUNK // max(1, tidx[:, :1].numel() * d.shape[-1]))
+                    for r0 in range(0, n_out, step):
+                        rows = slice(r0, min(r0 + step, n_out))
+                        ti = tidx[:, rows]
+                        pre = d[:, rows] + (s[:, rows] if s.shape[1] > 1 else s) + off + kind
+                        if self.param_lin is not None:
+                            pre = pre + self.param_lin(param_features[ti])
+                        val = self.out(F.gelu(pre)) + (mw[:, rows] if torch.is_tensor(mw) else mw)
+                        out[ti.reshape(-1)] = val.reshape(-1, self.out_channels)
                 bidx = group.bias_index(op)
                 if bidx is not None:
                     pre = self.bias_node(u_out) + kind

@@ -23,8 +23,11 @@ so only the relative scale across samples matters, but a wrong reduction changes
 **State.** Per parameter: ``momenta`` [*shape, 6] (the feature EMAs) and ``momentum`` [*shape] (the update's
 m_mu); optimizer-wide under the key ``"lopt"``: ``step`` and ``node_avg`` (the pooled-neuron averages of
 ``ds+gradmetanet``). ``state_dict()`` also holds the meta-parameters (``"meta"``), so model + optimizer state
-resume a run exactly. Param groups take ``lr``, a multiplier of the learned alpha (default 1.0; schedulers
-work on it). Parameters whose ``.grad`` is None are stepped with a zero gradient.
+resume a run exactly. ``sgdm`` (F = 0) steps along ``momentum`` with foreach ops and leaves ``momenta`` at zero
+(nothing reads them); the other variants compute F with the chunked fast path of :mod:`gradgraph.optim.fast`
+(equal to the reference ``learned_term`` on [P, 19] features up to float rounding), or through
+``learned_term`` itself for a rule class that overrides it. Param groups take ``lr``, a multiplier of the
+learned alpha (default 1.0; schedulers work on it). Parameters whose ``.grad`` is None are stepped with a zero gradient.
 """
 from __future__ import annotations
 
@@ -36,10 +39,13 @@ from torch import Tensor, nn
 from ..capture import CaptureSession
 from ..errors import GradGraphError
 from ..graph.build import build_graph
-from .features import DECAYS, segments, unf_features, update_momenta
-from .variants import NODE_DECAYS, VARIANTS, LearnedRule, param_neurons
+from .fast import FlatPlan, ds_term
+from .features import DECAYS, segments, unf_features
+from .variants import DS, NODE_DECAYS, VARIANTS, DSGradMetaNet, LearnedRule, param_neurons
 
 __all__ = ["LearnedOptimizer", "RecordError"]
+
+_FAST = (DS.learned_term, DSGradMetaNet.learned_term)  # rules whose F the chunked path computes
 
 REDUCTIONS = ("mean", "sum")
 
@@ -126,20 +132,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
             sizes = [p.numel() for p in params]
             self._sizes = sizes
             self._seg, self._counts = segments(sizes, params[0].device)
+            self._plan = FlatPlan(sizes, params[0].dtype, params[0].device)
             self._flat = None
             self._structure = None
         if self._flat is None:  # first step, new groups, or after load_state_dict: (re)gather the state
             like = params[0]
             P, D = sum(self._sizes), len(DECAYS)
-            moms = torch.zeros(P, D, dtype=like.dtype, device=like.device)
+            moms = torch.zeros(D, P, dtype=like.dtype, device=like.device)  # decays x entries (see fast.py)
             mom = torch.zeros(P, dtype=like.dtype, device=like.device)
             off = 0
             for p, n in zip(params, self._sizes):
                 st = self.state[p]
                 if "momenta" in st:
-                    moms[off:off + n] = st["momenta"].reshape(n, D)
+                    moms[:, off:off + n] = st["momenta"].reshape(n, D).t()
                     mom[off:off + n] = st["momentum"].reshape(n)
-                st["momenta"] = moms[off:off + n].view(*p.shape, D)
+                st["momenta"] = moms[:, off:off + n].t().view(*p.shape, D)
                 st["momentum"] = mom[off:off + n].view(p.shape)
                 off += n
             self._flat = (moms, mom)
@@ -201,31 +208,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
         ctx = self._graph_context(params) if self.meta.needs_graph else {}
         if not self.meta.needs_graph:
             self._pending = None
-        flat_p = torch.cat([p.detach().reshape(-1) for p in params])
-        flat_g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        meta, st = self.meta, self.state["lopt"]
         momenta, momentum = self._flat
-        st = self.state["lopt"]
-        update = self.compute_update(flat_p, flat_g, momenta, momentum, st["step"], ctx)
-        lrs = {g["lr"] for g in self.param_groups}
-        if len(lrs) == 1:
-            update.mul_(lrs.pop())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        mu = float(meta.mu)
+        moms = [self.state[p]["momentum"] for p in params]
+        torch._foreach_mul_(moms, mu)  # m <- mu m + (1 - mu) grad, per tensor (no flat copy of the gradient)
+        torch._foreach_add_(moms, grads, alpha=1 - mu)
+        if type(meta).learned_term is LearnedRule.learned_term:  # F = 0: step along the momentum
+            update = moms
         else:
-            update.mul_(torch.cat([torch.full((sum(p.numel() for p in g["params"]),), float(g["lr"]),
-                                              dtype=update.dtype, device=update.device) for g in self.param_groups]))
-        torch._foreach_sub_([p.data for p in params], [u.view_as(p) for u, p in zip(update.split(self._sizes), params)])
+            plan = self._plan
+            plan.gather(grads, plan.flat_g)
+            plan.gather(params, plan.flat_p)
+            if type(meta).learned_term in _FAST:  # chunked; updates the feature EMAs too
+                extra = meta.extra_columns(ctx, plan.dtype) if meta.needs_graph else None
+                F_ = ds_term(plan, meta.mlp, momenta, st["step"], extra, plan.update)
+            else:  # the reference path, through learned_term on [P, 19] features
+                momenta.mul_(plan.decays).addcmul_(plan.flat_g[None], plan.one_minus)
+                feats = unf_features(plan.flat_p, plan.flat_g, momenta.t(), st["step"], self._seg, self._counts)
+                F_ = meta.learned_term(feats, ctx).to(plan.dtype)
+            torch.add(momentum, F_, alpha=float(meta.beta), out=plan.update)
+            update = [u.view_as(p) for u, p in zip(plan.update.split(self._sizes), params)]
+        alpha = float(meta.alpha)
+        off = 0
+        for group in self.param_groups:  # theta <- theta - lr alpha (m + beta F)
+            n = len(group["params"])
+            torch._foreach_add_([p.data for p in params[off:off + n]], update[off:off + n],
+                                alpha=-alpha * float(group["lr"]))
+            off += n
         st["step"] += 1
         return loss
-
-    def compute_update(self, param: Tensor, grad: Tensor, momenta: Tensor, momentum: Tensor, step: int,
-                       ctx: dict) -> Tensor:
-        """The step ``alpha (m_mu + beta F)`` [P] (before the group lr); updates ``momenta`` [P, 6] and
-        ``momentum`` [P] in place. All tensors flat, in param-group order."""
-        meta = self.meta
-        mu = meta.mu.to(grad.dtype)
-        momentum.mul_(mu).add_(grad * (1 - mu))
-        update_momenta(momenta, grad, torch.tensor(DECAYS, dtype=grad.dtype, device=grad.device))
-        out = momentum.clone()
-        if type(meta).learned_term is not LearnedRule.learned_term:
-            feats = unf_features(param, grad, momenta, step, self._seg, self._counts)
-            out.add_(meta.learned_term(feats, ctx).to(out.dtype), alpha=float(meta.beta))
-        return out.mul_(meta.alpha.to(out.dtype))

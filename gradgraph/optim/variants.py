@@ -176,6 +176,12 @@ class DSGradMetaNet(DS):
         """``ctx``: ``graph`` (this step's), ``neurons`` = param_neurons(graph), ``node_avg`` [N + 2, 2 * D] (the
         optimizer's EMA state, updated here in place), ``first`` (no average yet), ``theta_of_flat`` ([P] index
         from the optimizer's flat order into theta order, or None when they agree), ``seg``, ``counts``."""
+        extra = tensor_rms_normalize(self.extra_columns(ctx, features.dtype), ctx["seg"], ctx["counts"])
+        return self.mlp(torch.cat([features, extra], 1)).squeeze(-1)
+
+    def extra_columns(self, ctx: dict, dtype=torch.float32) -> Tensor:
+        """The MLP's extra inputs before their per-tensor RMS normalisation, in the optimizer's flat order:
+        GradMetaNet's outputs and the pooled-neuron averages, [P, out_channels + 2 * D] (updates ``node_avg``)."""
         graph = ctx["graph"]
         gnn = self.gnn(graph)  # [P, c] in theta order
         out_n, in_n = ctx["neurons"]
@@ -191,8 +197,7 @@ class DSGradMetaNet(DS):
         avg[N] = torch.tensor([1.0, 0.0] * D, dtype=avg.dtype)  # the constant input of a bias
         avg[N + 1] = 0
         pooled = torch.cat([avg[out_n][:, 1::2], avg[in_n][:, 0::2]], 1).clamp_min(0).sqrt()  # g^2 out, a^2 in
-        extra = torch.cat([gnn.to(features.dtype), pooled.to(features.dtype)], 1)
+        extra = torch.cat([gnn.to(dtype), pooled.to(dtype)], 1)
         if ctx["theta_of_flat"] is not None:
             extra = extra.index_select(0, ctx["theta_of_flat"])
-        extra = tensor_rms_normalize(extra, ctx["seg"], ctx["counts"])
-        return self.mlp(torch.cat([features, extra], 1)).squeeze(-1)
+        return extra
