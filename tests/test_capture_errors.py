@@ -25,7 +25,7 @@ def test_unsupported_module_names_path_type_and_alternatives():
     with pytest.raises(gradgraph.UnsupportedModuleError) as e:
         gradgraph.capture(RawParam(), torch.randn(4, 3))
     msg = str(e.value)
-    assert "'inner'" in msg and "torch.nn.modules.module.Module" in msg and "['w']" in msg
+    assert "'inner'" in msg and "torch.nn.modules.module.Module" in msg and "['inner.w']" in msg and "'matmul'" in msg
     assert "Linear" in msg and "register_rule" in msg and "requires_grad_(False)" in msg
 
 

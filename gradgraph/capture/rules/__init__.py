@@ -5,6 +5,6 @@ A rule replaces ``module.forward`` while a capture runs and expresses it with th
 docs/capture.md for writing one.
 """
 from . import attention, conv, embedding, hf, linear, norm  # noqa: F401  (registers the built-in rules)
-from .registry import find_rule, register_rule, supported_modules
+from .registry import find_rule, overrides_a_rule, register_rule, supported_modules
 
-__all__ = ["register_rule", "find_rule", "supported_modules"]
+__all__ = ["register_rule", "find_rule", "supported_modules", "overrides_a_rule"]
