@@ -211,7 +211,7 @@ def attention(tracer, call: GlueCall) -> Label | None:
 
 @register_glue(*CAT)
 def cat(tracer, call: GlueCall) -> Label | None:
-    """Concatenating or stacking along a non-neuron axis ties the spaces of the pieces."""
+    """Concatenating along a non-neuron axis, or stacking (along a new axis), ties the spaces of the pieces."""
     name, out = call.name, call.outputs[0]
     seq = call.arg(0, "tensors")
     labs = [tracer.get_label(x) for x in seq]
@@ -220,7 +220,7 @@ def cat(tracer, call: GlueCall) -> Label | None:
     ref = labs[0]
     dim = call.arg(1, "dim", 0)
     dim = dim % (out.ndim if name == "stack" else seq[0].ndim)
-    if dim in ref.axes or dim == ref.batch_axis:
+    if name != "stack" and (dim in ref.axes or dim == ref.batch_axis):  # stack inserts a new axis: cuts nothing
         return tracer.unknown(call)
     spaces = [lab.space for lab in labs]
     if any(s is None for s in spaces):
