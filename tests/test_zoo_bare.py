@@ -193,3 +193,32 @@ def test_summed_gradient_of_a_shared_bare_parameter():
     assert [op.name for op in g.spec.ops if op.weight is not None and op.weight.name == "gamma"] == ["gamma",
                                                                                                       "gamma#2"]
     assert_tensors_close(g.grads(), oracle.grads(m, x, y, ce), rtol=1e-9)
+
+
+def test_hf_mobilenet_v2_depthwise_convolutions():
+    """MobileNetV2: depthwise and pointwise convs, eval BatchNorm, ReLU6. A depthwise conv is one conv op per
+    group (its rows of the weight); the channels of a grouped conv permute group by group."""
+    cfg = transformers.MobileNetV2Config(num_channels=3, image_size=8, depth_multiplier=0.25, min_depth=4,
+                                         num_labels=3, initializer_range=0.3, finegrained_output=False)
+    m = transformers.MobileNetV2ForImageClassification(cfg).double().eval()
+    x, y = _images(2, 8)
+    g = check_model(m, x, y, ce)
+    dw = m.mobilenet_v2.layer[0].conv_3x3.convolution
+    assert dw.groups == dw.in_channels > 1
+    assert sum(op.weight.name == "mobilenet_v2.layer.0.conv_3x3.convolution.weight" for op in g.spec.ops) == dw.groups
+
+
+def test_grouped_conv_symmetry_permutes_within_groups_only():
+    """A grouped conv (2 groups of 3 channels) between two convs: exact, and a symmetry that swaps channels
+    across the groups changes the function (negative)."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.Tanh(),
+                      nn.Conv2d(6, 2, 1), nn.Flatten(), nn.Linear(32, 3)).double()
+    x, y = torch.randn(3, 2, 4, 4, dtype=D), torch.randint(3, (3,))
+    g = check_model(m, x, y, ce)
+    assert sum(op.weight.name == "2.weight" for op in g.spec.ops) == 2
+    cut = {sp.key: sp for sp in g.spec.spaces}["0.out"]
+    assert cut.permutable and [g.spec.spaces[i].size for i in cut.parts] == [3, 3]
+    s = _moving_symmetry(m, x)
+    s.perms["0.out"] = torch.tensor([3, 1, 2, 0, 4, 5])  # channel 0 (group 0) <-> channel 3 (group 1)
+    assert not torch.allclose(gradgraph.apply_symmetry(m, s)(x), m(x), rtol=1e-6, atol=1e-8)
