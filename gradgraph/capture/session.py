@@ -126,8 +126,13 @@ class CaptureSession:
             if t.ndim and t.shape[0] == self.batch_size:
                 self.tracer.set_label(t, Label(None, (), 0))
         try:
-            with torch.enable_grad(), self.tracer:
-                out = inner(*args, **kwargs)
+            try:
+                with torch.enable_grad(), self.tracer:
+                    out = inner(*args, **kwargs)
+            except GradGraphError as e:  # a refused parameter use is the first thing that went wrong
+                if self.tracer.refused is not None:
+                    raise self.tracer.refused from e
+                raise
             if self.tracer.refused is not None:
                 raise self.tracer.refused
             for t in tree_flatten(out)[0]:
