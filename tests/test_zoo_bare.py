@@ -222,3 +222,28 @@ def test_grouped_conv_symmetry_permutes_within_groups_only():
     s = _moving_symmetry(m, x)
     s.perms["0.out"] = torch.tensor([3, 1, 2, 0, 4, 5])  # channel 0 (group 0) <-> channel 3 (group 1)
     assert not torch.allclose(gradgraph.apply_symmetry(m, s)(x), m(x), rtol=1e-6, atol=1e-8)
+
+
+def test_bare_parameters_inside_a_training_loop_recorder():
+    """The recorder path (hooks during the user's own backward) records bare parameters the same way."""
+    torch.manual_seed(1)
+    m = TinyViT().double().eval()
+    x, y = _images()
+    with gradgraph.GradientRecorder(m) as rec:
+        ce(m(x), y).sum().backward()
+    assert_tensors_close(rec.graph().per_sample_grads(), oracle.per_sample_grads(m, x, y, ce), rtol=1e-9)
+
+
+def test_a_refusal_is_reported_even_when_the_forward_then_fails():
+    """The refused use's output is not labeled; when that makes a later op fail, the refusal is what is raised."""
+    class Later(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin((x @ self.w)[0])  # would be sample mixing, after the refused matmul
+
+    with pytest.raises(gradgraph.UnsupportedModuleError, match="'matmul'"):
+        gradgraph.capture(Later().double(), torch.randn(3, 4, dtype=D))
