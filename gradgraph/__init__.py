@@ -28,7 +28,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "capture": "api", "GradientRecorder": "api", "model_spec": "api", "random_symmetry": "api",
+    "capture": "api", "GradientRecorder": "api", "model_spec": "api", "random_symmetry": "api", "coverage": "api",
     "register_rule": "capture", "register_glue": "capture", "supported_modules": "capture",
     "GradientGraph": "graph", "Symmetry": "graph", "apply_symmetry": "graph",
 }

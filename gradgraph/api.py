@@ -1,28 +1,31 @@
 """The user-facing entry points that compose stage 1 (capture: :class:`~gradgraph.capture.CaptureSession`
 and its records) with stage 2 (graph: :func:`~gradgraph.graph.build.build_graph`,
 :func:`~gradgraph.graph.build.build_spec`): :func:`capture` (one call), :class:`GradientRecorder` (inside
-an existing training loop), :func:`model_spec` (structure only) and :func:`random_symmetry` (of a module,
-a graph or a spec).
+an existing training loop), :func:`model_spec` (structure only), :func:`random_symmetry` (of a module,
+a graph or a spec) and :func:`coverage` (what gradgraph makes of each module, before any capture).
 
 They live here, above both stages, so that the data flow runs one way: ``capture/`` never imports
 ``graph/``; ``graph/`` reads capture's records.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import CaptureSession
-from .errors import GradGraphError, LossShapeError
+from .capture import CaptureSession, find_rule
+from .errors import GradGraphError, LossShapeError, SampleMixingError, UnsupportedModuleError
 from .graph import symmetry as _symmetry
 from .graph.build import build_graph, build_spec
 from .graph.gradient_graph import GradientGraph
 from .graph.spec import GraphSpec
 
-__all__ = ["capture", "GradientRecorder", "model_spec", "per_sample_losses", "random_symmetry"]
+__all__ = ["capture", "GradientRecorder", "model_spec", "per_sample_losses", "random_symmetry", "coverage", "Coverage",
+           "ModuleCoverage"]
 
 
 def _call_args(inputs) -> tuple[tuple, dict]:
@@ -174,3 +177,86 @@ class GradientRecorder:
         if self._session is None:
             raise RuntimeError("use GradientRecorder as a context manager around one forward and backward pass")
         return build_graph(self._session.records(grad_scale=grad_scale))
+
+
+@dataclass
+class ModuleCoverage:
+    """One module of a :func:`coverage` report. ``status``: ``"captured"`` (a rule records its ops),
+    ``"bare"`` (the model's own code uses its parameters: class/position tokens, layer scales, recorded as
+    ops), ``"glue"`` (no trainable parameters of its own: what the tracer follows between ops), ``"frozen"``
+    (parameters, none trainable), ``"refused"`` (``reason`` says why). ``ops``: the op names it recorded;
+    ``spaces``: ``(key, size, permutable, reason)`` of the neuron spaces of those ops."""
+
+    path: str
+    cls: str
+    status: str
+    reason: str | None = None
+    ops: list[str] = field(default_factory=list)
+    spaces: list[tuple[str, int, bool, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class Coverage:
+    """What gradgraph makes of a model (:func:`coverage`): per module, and the neuron spaces found."""
+
+    modules: list[ModuleCoverage]
+    spaces: list[tuple[str, int, bool, str | None]]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __str__(self) -> str:
+        lines = [f"{'module':40s} {'class':28s} {'status':9s} ops  spaces (permutable/total)"]
+        for m in self.modules:
+            perm = sum(s[2] for s in m.spaces)
+            note = f"  <- {m.reason}" if m.reason else ""
+            lines.append(f"{(m.path or '<root>')[:40]:40s} {m.cls[:28]:28s} {m.status:9s} {len(m.ops):3d}  "
+                         f"{perm}/{len(m.spaces)}{note}")
+        lines.append(f"neuron spaces: {len(self.spaces)}, permutable: {sum(s[2] for s in self.spaces)}")
+        for key, size, permutable, why in self.spaces:
+            lines.append(f"  {key} [{size}] " + ("permutable" if permutable else f"fixed: {why}"))
+        if self.error:
+            lines.append(f"refused: {self.error}")
+        return "\n".join(lines)
+
+
+def coverage(model: nn.Module, example_inputs) -> Coverage:
+    """Which modules of ``model`` gradgraph captures, which are glue, which are refused and why, and the neuron
+    spaces it finds (with the reason of every fixed one), from one forward pass on ``example_inputs`` (no
+    backward, no graph). A refusal does not raise: it is the report's ``error``, attributed to the module it
+    names."""
+    error, spec = None, None
+    try:
+        spec = model_spec(model, example_inputs)
+    except (UnsupportedModuleError, SampleMixingError) as e:
+        error = str(e)
+    refused = set(re.findall(r"module '([^']*)'", error)) if error else set()
+    param_names = {n for n, _ in model.named_parameters()}
+    by_module: dict[str, tuple[list, list]] = {}
+    for op in spec.ops if spec is not None else ():
+        path = op.name.split(":")[0].split("#")[0]
+        if path in param_names:  # a bare parameter's op is named by the parameter: it belongs to its module
+            path = path.rpartition(".")[0]
+        ops, spaces = by_module.setdefault("" if path == "<root>" else path, ([], []))
+        ops.append(op.name)
+        for layer in (op.in_layer, op.out_layer):
+            sp = spec.spaces[spec.layers[layer].space]
+            if (row := (sp.key, sp.size, sp.permutable, sp.reason)) not in spaces:
+                spaces.append(row)
+    out = []
+    for path, module in model.named_modules():
+        own = [p for p in module._parameters.values() if p is not None]
+        ops, spaces = by_module.get(path, ([], []))
+        status, why = ("captured" if find_rule(module) is not None else "bare" if ops else
+                       "frozen" if own and not any(p.requires_grad for p in own) else "glue" if not own else
+                       "refused"), None
+        if (path or "<root>") in refused:
+            status, why = "refused", error
+        elif status == "refused":
+            why = error or "its trainable parameters took no part in the forward pass"
+        cls = type(module)
+        out.append(ModuleCoverage(path, f"{cls.__module__}.{cls.__qualname__}", status, why, ops, spaces))
+    rows = [(s.key, s.size, s.permutable, s.reason) for s in spec.spaces] if spec is not None else []
+    return Coverage(out, rows, error)

@@ -19,37 +19,19 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from ..errors import GradGraphError, SampleMixingError, UnsupportedModuleError
+from .bare import BareParameters
+from .geometry import Rows, conv_padding, expand_tuple
 from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef, tie_shared
-from .rules import find_rule, supported_modules
+from .rules import find_rule, overrides_a_rule, supported_modules
 from .spaces import SpaceTable
 from .tracer import DataflowTracer, Label
 
 _MISSING = object()
 
 
-class Rows:
-    """Rows ``start:stop`` of a parameter, for modules with packed weights (``ctx.rows(p, 0, d)``)."""
-
-    def __init__(self, param: Tensor, start: int, stop: int) -> None:
-        self.param, self.start, self.stop = param, int(start), int(stop)
-
-
-def _tuple(v, d: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * d
-
-
-def conv_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
-    """Per-side padding ``((lo, hi), ...)`` for every spatial dim, from an int, tuple, 'same' or 'valid'."""
-    d = len(kernel)
-    if padding == "valid":
-        return ((0, 0),) * d
-    if padding == "same":
-        out = []
-        for k, dil in zip(kernel, dilation):
-            total = dil * (k - 1)
-            out.append((total // 2, total - total // 2))
-        return tuple(out)
-    return tuple((p, p) for p in _tuple(padding, d))
+def _builtin_layer(cls) -> bool:
+    """A torch layer (or a subclass of one): it computes with its parameters in torch's own code."""
+    return any(c.__module__.startswith("torch.") for c in cls.__mro__ if c not in (nn.Module, object))
 
 
 class CaptureSession:
@@ -81,7 +63,9 @@ class CaptureSession:
         for path, module, rule in found:
             trainable = [n for n, p in module._parameters.items()
                          if p is not None and p.requires_grad and id(p) not in covered]
-            if rule is None and trainable:
+            if rule is None and trainable and (_builtin_layer(type(module)) or overrides_a_rule(module)):
+                # a built-in layer computes with its parameters in its own code; the model's own modules may use
+                # parameters bare (class tokens, layer scales: capture/bare.py), and the tracer refuses the rest
                 cls = type(module)
                 raise UnsupportedModuleError(
                     f"module '{path or '<root>'}' ({cls.__module__}.{cls.__qualname__}) has trainable parameters "
@@ -136,13 +120,21 @@ class CaptureSession:
             raise GradGraphError("the model's inputs contain no tensor with a batch axis; gradgraph needs the "
                                  "batch as the first dimension of the inputs")
         self.batch_size = int(leaves[0].shape[0])
-        self.tracer = DataflowTracer(self.spaces, self.batch_size, self._before_inplace, self._trainable_names)
+        self.tracer = DataflowTracer(self.spaces, self.batch_size, self._before_inplace, self._trainable_names,
+                                     BareParameters(self))
         for t in leaves:
             if t.ndim and t.shape[0] == self.batch_size:
                 self.tracer.set_label(t, Label(None, (), 0))
         try:
-            with torch.enable_grad(), self.tracer:
-                out = inner(*args, **kwargs)
+            try:
+                with torch.enable_grad(), self.tracer:
+                    out = inner(*args, **kwargs)
+            except GradGraphError as e:  # a refused parameter use is the first thing that went wrong
+                if self.tracer.refused is not None:
+                    raise self.tracer.refused from e
+                raise
+            if self.tracer.refused is not None:
+                raise self.tracer.refused
             for t in tree_flatten(out)[0]:
                 lab = self.tracer.get_label(t) if isinstance(t, Tensor) else None
                 if lab is not None and lab.space is not None:
@@ -222,11 +214,11 @@ class CaptureSession:
             x = self._per_sample(x)
             out = conv_fn(x, W, B, stride, padding, dilation)
             kernel = tuple(W.shape[2:])
-            dil = _tuple(dilation, d)
+            dil = expand_tuple(dilation, d)
             lab = self.tracer.get_label(x)
             insite = self._insite((id(x), 1), opname, x, x.movedim(1, -1), lab, want=(1,))
             outsite = self._outsite(out, 1, opname)
-            geometry = {"kernel": kernel, "stride": _tuple(stride, d), "dilation": dil,
+            geometry = {"kernel": kernel, "stride": expand_tuple(stride, d), "dilation": dil,
                         "padding": conv_padding(padding, kernel, dil)}
             self._record(opname, "conv", insite, outsite, wref, bref, geometry)
         return out
@@ -259,6 +251,8 @@ class CaptureSession:
         whose activation is one-hot; the graph stores the token ids, not the one-hot matrix."""
         with self.tracer.suspend():
             W, wref = self._param(weight, "weight")
+            if W.ndim != 2:  # a bare parameter [1, T, d]: a table of T entries (see capture/bare.py)
+                W = W.reshape(-1, W.shape[-1] if W.ndim else 1)
             ids = self._per_sample(ids)
             out = F.embedding(ids, W, padding_idx)
             opname = self._op_name(name)
@@ -269,6 +263,14 @@ class CaptureSession:
             pad = None if padding_idx is None else padding_idx % W.shape[0]
             self._record(opname, "embedding", insite, outsite, wref, None, {"padding_idx": pad})
         return out
+
+    def bare_op(self, primitive, param: Tensor, *args, **kwargs) -> Tensor:
+        """Run ``primitive`` for a bare use of ``param`` (capture/bare.py): the op is named by the parameter."""
+        prev, self._path = self._path, self._param_names[id(param)]
+        try:
+            return primitive(*args, **kwargs)
+        finally:
+            self._path = prev
 
     # -- internals --------------------------------------------------------------------------------------
     def _op_name(self, suffix: str | None) -> str:

@@ -110,6 +110,7 @@ class SpaceTable:
         A cut space that cannot be permuted (fixed, a model input or output), that was cut twice, or whose
         piece is tied back to it, fixes its pieces (and itself); repeated until nothing changes (pieces can
         be cut again)."""
+        self._merge_equal_cuts()
         out: dict[int, tuple[int, ...]] = {}
         changed = True
         while changed:
@@ -131,6 +132,26 @@ class SpaceTable:
                             self.fix(p, f"a piece of space '{self.name[r]}', which cannot be permuted")
                             changed = True
         return out
+
+    def _merge_equal_cuts(self) -> None:
+        """Spaces tied after they were cut (the gates of an LSTM, one packed projection per time step, tied by the
+        shared weight) are cut twice; cut into pieces of the same sizes, the pieces at the same place are the same
+        neurons: tie them and keep one cut. Cuts of different sizes are left to :meth:`resolve_parts` (fixed)."""
+        merged = True
+        while merged:
+            merged, first, keep = False, {}, []
+            for s, pieces in self.parts:
+                r = self.find(s)
+                if r not in first:
+                    first[r] = pieces
+                    keep.append((s, pieces))
+                elif [self.size[p] for p in pieces] == [self.size[p] for p in first[r]]:
+                    for p0, p in zip(first[r], pieces):
+                        self.tie(p0, p, f"the same cut of space '{self.name[r]}'")
+                    merged = True
+                else:
+                    keep.append((s, pieces))
+            self.parts = keep
 
     def roots(self) -> list[int]:
         return [s for s in range(len(self._parent)) if self.find(s) == s]

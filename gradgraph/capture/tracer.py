@@ -151,9 +151,11 @@ class DataflowTracer(TorchFunctionMode):
     """
 
     def __init__(self, spaces: SpaceTable, batch_size: int, before_inplace=None,
-                 parameters: dict[int, str] | None = None) -> None:
+                 parameters: dict[int, str] | None = None, bare=None) -> None:
         super().__init__()
         self.parameters = parameters or {}  # id -> name of the model's trainable parameters
+        self.bare = bare  # records bare parameter uses (capture/bare.py), or None: every such use is refused
+        self.refused: UnsupportedModuleError | None = None  # the first refused use, raised after the forward
         self.spaces = spaces
         self.batch_size = batch_size
         self.before_inplace = before_inplace
@@ -169,6 +171,10 @@ class DataflowTracer(TorchFunctionMode):
 
     def get_label(self, t: Tensor) -> Label | None:
         return self._labels.get(id(t))
+
+    def forget(self, t: Tensor) -> None:
+        """Treat ``t`` as a constant from now on (a broadcast scalar)."""
+        self._labels.pop(id(t), None)
 
     @contextlib.contextmanager
     def suspend(self):
@@ -201,7 +207,15 @@ class DataflowTracer(TorchFunctionMode):
         elif name in _IGNORED:
             return func(*args, **kwargs)
         if uses:
-            self._refuse_parameter_use(name, uses)
+            bare = self.bare.use(self, name, inplace, args, kwargs, uses) if self.bare is not None else None
+            if bare is None:  # raised after the forward: inside an operator, torch turns a TypeError into
+                self.refused = self.refused or self._refusal(name, uses)  # NotImplemented
+                return func(*args, **kwargs)
+            if bare[0] == "out":  # the call became a recorded op (a layer scale): its output is the op's
+                return bare[1]
+            args, kwargs = bare[1], bare[2]  # the parameters replaced by recorded ops' outputs
+            ins = _tensors(args, kwargs)
+            labeled = [(t, self._labels[id(t)]) for t in ins if id(t) in self._labels]
         if kwargs.get("inplace") is True:
             inplace = True
         if inplace and self.before_inplace is not None and args and isinstance(args[0], Tensor):
@@ -213,16 +227,20 @@ class DataflowTracer(TorchFunctionMode):
             self._propagate(GlueCall(name, func, args, kwargs, inplace, ins, labeled, out, outs))
         return out
 
-    def _refuse_parameter_use(self, name: str, params: list[Tensor]) -> None:
+    def _refusal(self, name: str, params: list[Tensor]) -> UnsupportedModuleError:
         """A trainable parameter entering a torch function between rules: its gradient through this use would
         be missing from the graph (a silent wrong gradient), so refuse."""
         names = sorted({self.parameters[id(p)] for p in params})
-        raise UnsupportedModuleError(
-            f"trainable parameter(s) {names} are used by the torch function '{name}' in the model's own code, "
-            "outside a capture rule, so the gradient through that use cannot be represented. Use the parameter "
+        owners = f" (parameters of {self.bare.owners(names)})" if self.bare is not None else ""
+        return UnsupportedModuleError(
+            f"trainable parameter(s) {names} are used by the torch function '{name}' in the model's own "
+            f"code{owners}, outside a capture rule, so the gradient through that use cannot be represented "
+            "(bare parameters are captured when added to, multiplied with or expanded to an activation with a "
+            "batch axis, as class/position tokens and layer scales: see docs/capture.md). Use the parameter "
             "through a module (tie modules by assignment, e.g. head.weight = emb.weight), write a rule for the "
-            "module that uses it (ctx.linear(x, W) for x @ W.T, ctx.linear(x, W, transposed=True) for x @ W; "
-            "see docs/capture.md), or freeze it with requires_grad_(False).")
+            "module that uses it with @gradgraph.register_rule (ctx.linear(x, W) for x @ W.T, ctx.linear(x, W, "
+            "transposed=True) for x @ W; see docs/capture.md), or freeze it with requires_grad_(False)."
+            + (self.bare.hint() if self.bare is not None else ""))
 
     def _propagate(self, call: GlueCall) -> None:
         handler = _GLUE.get(call.name)

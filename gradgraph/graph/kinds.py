@@ -21,6 +21,7 @@ The heads' methods take a ``group`` (``gradgraph.nn.layout.StructureGroup``: ``s
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -159,6 +160,11 @@ class OpKind:
         ``p_out`` (gather convention: new neuron j is old neuron p[j])."""
         return W.index_select(dim, p_out).index_select(dim + 1, p_in)
 
+    def weight_layout(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``permute_weight`` expects for a weight stored as ``shape`` (same entries and order): a bare
+        parameter's (position tokens ``[1, T, d]`` as an embedding table ``[T, d]``)."""
+        return shape
+
     # -- what the heads need -----------------------------------------------------------------------------
     def aligned_blocks(self, group, op: OpSpec, h_out: Tensor, h_in: Tensor):
         """Entry features of the op's out-neurons and in-neurons, aligned the way its weight gradient pairs
@@ -291,6 +297,9 @@ class DiagKind(OpKind):
     def theta_index(self, op: OpSpec, n_in: int, n_out: int, theta_start: int) -> Tensor:
         return theta_start + torch.arange(n_out)[:, None, None]
 
+    def weight_layout(self, shape: tuple[int, ...]) -> tuple[int, ...]:  # a bare layer scale [1, 1, d]: [d]
+        return (math.prod(shape),)
+
     def per_sample_grad(self, op: OpSpec, A: Tensor, G: Tensor, n_in: int, n_out: int) -> Tensor:
         b = A.shape[0]
         return (A * G).reshape(b, -1, A.shape[-1]).sum(1)
@@ -343,6 +352,9 @@ class EmbeddingKind(_InputMajor):
 
     def permute_weight(self, op: OpSpec, W: Tensor, p_in: Tensor, p_out: Tensor, dim: int) -> Tensor:
         return W.index_select(dim + 1, p_out)  # vocabulary entries are inputs: never permuted
+
+    def weight_layout(self, shape: tuple[int, ...]) -> tuple[int, ...]:  # position tokens [1, T, d]: [T, d]
+        return shape if len(shape) == 2 else (math.prod(shape[:-1]), shape[-1]) if shape else (1, 1)
 
     def aligned_blocks(self, group, op: OpSpec, h_out: Tensor, h_in: Tensor):
         """``X_in = (X_tok [G, Q, f_in], tokens [G, Q])``: one one-hot entry per element."""

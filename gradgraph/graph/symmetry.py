@@ -115,6 +115,7 @@ def _apply_params(params: Mapping[str, Tensor], sym: Symmetry, batch_dims: int) 
                 f"model this symmetry was drawn for has {tuple(want)}; draw the symmetry from this model "
                 "(gradgraph.random_symmetry(model, example_inputs=...))")
     out = {k: v.clone() for k, v in params.items()}
+    shapes = {p.name: p.shape for p in spec.params}
     d = batch_dims
     for op in spec.ops:
         p_in, p_out = sym.perm_of_layer(op.in_layer), sym.perm_of_layer(op.out_layer)
@@ -125,8 +126,13 @@ def _apply_params(params: Mapping[str, Tensor], sym: Symmetry, batch_dims: int) 
             src = params[use.name]
             if use.rows is not None:
                 src = src.narrow(d, use.rows[0], use.rows[1] - use.rows[0])
-            moved = (kind.permute_weight(op, src, p_in.to(src.device), p_out.to(src.device), d) if is_weight
-                     else src.index_select(d, p_out.to(src.device)))
+            if is_weight:
+                shape = tuple(src.shape[d:d + len(shapes[use.name])])
+                layout = kind.weight_layout(shape)
+                w = src if layout == shape else src.reshape(src.shape[:d] + layout + src.shape[d + len(shape):])
+                moved = kind.permute_weight(op, w, p_in.to(src.device), p_out.to(src.device), d).reshape(src.shape)
+            else:
+                moved = src.index_select(d, p_out.to(src.device))
             if use.rows is None:
                 out[use.name] = moved
             else:

@@ -211,7 +211,8 @@ def attention(tracer, call: GlueCall) -> Label | None:
 
 @register_glue(*CAT)
 def cat(tracer, call: GlueCall) -> Label | None:
-    """Concatenating or stacking along a non-neuron axis ties the spaces of the pieces."""
+    """Concatenating along a non-neuron axis, or stacking (along a new axis), ties the spaces of the pieces;
+    concatenating along a flat neuron axis makes a space cut into the pieces (block by block, like split)."""
     name, out = call.name, call.outputs[0]
     seq = call.arg(0, "tensors")
     labs = [tracer.get_label(x) for x in seq]
@@ -220,9 +221,14 @@ def cat(tracer, call: GlueCall) -> Label | None:
     ref = labs[0]
     dim = call.arg(1, "dim", 0)
     dim = dim % (out.ndim if name == "stack" else seq[0].ndim)
-    if dim in ref.axes or dim == ref.batch_axis:
-        return tracer.unknown(call)
     spaces = [lab.space for lab in labs]
+    if name != "stack" and dim in ref.axes and ref.axes == (dim,) and not ref.group and None not in spaces:
+        # pieces joined along their neurons (the groups of a grouped conv): the whole permutes block by block
+        whole = tracer.fresh_space(f"{tracer.spaces.name[tracer.spaces.find(spaces[0])]}:{name}", out.shape[dim], None)
+        tracer.spaces.set_parts(whole, tuple(spaces))
+        return Label(whole, ref.axes, ref.batch_axis)
+    if name != "stack" and (dim in ref.axes or dim == ref.batch_axis):  # stack inserts a new axis: cuts nothing
+        return tracer.unknown(call)
     if any(s is None for s in spaces):
         return tracer.unknown(call) if any(s is not None for s in spaces) else Label(None, (), None)
     for s in spaces[1:]:

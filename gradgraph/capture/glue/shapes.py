@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from ...errors import SampleMixingError
 from ..tracer import GlueCall, Label, register_glue
 
 PERMUTE = {"transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "t", "T", "mT", "H", "mH"}
@@ -162,8 +163,13 @@ def getitem(tracer, call: GlueCall) -> Label | None:
             src_to_out[src], full[src] = o, i == slice(None)
             src, o = src + 1, o + 1
     bax = lab.batch_axis
+    if bax is not None and not full[bax]:
+        raise SampleMixingError(
+            f"indexing picks samples of a per-sample tensor of shape {tuple(t.shape)} (index {args[1]!r} on its "
+            f"batch axis {bax}): what one sample computes would then depend on other samples (h + h[0]), so "
+            "per-sample gradients are not defined. Index the other axes only (h[:, 0] for the first token).")
     if bax is not None:
-        bax = src_to_out[bax] if full[bax] else None
+        bax = src_to_out[bax]
     if lab.space is None:
         return Label(None, (), bax)
     if not all(full[a] for a in lab.axes) or (lab.group and any(

@@ -65,6 +65,11 @@ def find_rule(module: nn.Module) -> Callable | None:
     return None
 
 
+def overrides_a_rule(module: nn.Module) -> bool:
+    """Whether ``module`` has no rule only because it overrides the ``forward`` of a type that has one."""
+    return find_rule(module) is None and any(base in _RULES for base in type(module).__mro__[1:])
+
+
 def supported_modules() -> list[str]:
     """Names of the module types that have a registered rule, sorted."""
     if _LAZY:
