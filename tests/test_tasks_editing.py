@@ -111,3 +111,14 @@ def test_cli_train_editing(editing_data, tmp_path, capsys):
     assert main(args) == 0
     saved = json.loads((tmp_path / "ws-i40x1-s0" / "metrics.json").read_text())
     assert saved["config"]["model"] == "ws" and "identity_test_mse" in saved
+
+
+def test_bench_editing_tiny(tmp_path):
+    out = tmp_path / "results"
+    args = ["bench", "editing", "--preset", "tiny", "--dataset-root", str(tmp_path / "data"), "--out-dir",
+            str(tmp_path / "runs"), "--results", str(out), "--quiet"]
+    assert main(args) == 0
+    table = (out / "editing_tiny.md").read_text()
+    assert "| identity (no edit) | 0 |" in table and "| ws+gradmetanet |" in table and "adam-k (k=" in table
+    assert (out / "editing_tiny.png").stat().st_size > 1000
+    assert main(args + ["--report-only"]) == 0  # reads the finished runs and the cached references back

@@ -22,6 +22,9 @@ BENCHMARKS.register("capture", "gradgraph.bench:capture",
 BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
                     help="Curvature estimation: every model over training-set sizes and seeds, against the standard "
                          "estimator.")
+BENCHMARKS.register("editing", "gradgraph.bench:editing",
+                    help="INR editing: every model over seeds on the digit INRs, against no edit, the oracle and k "
+                         "Adam steps.")
 BENCHMARKS.register("metanet", "gradgraph.bench:metanet",
                     help="Metanetwork cost: GradMetaNet (and GradMetaNet++) against the weight-space baseline on "
                          "per-sample gradients.")
