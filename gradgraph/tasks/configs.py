@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..train.config import TrainConfig, option
 
-__all__ = ["CurvatureConfig", "CURVATURE_MODELS", "EditingConfig", "EDITING_MODELS", "EDITING_REFERENCES"]
+__all__ = ["CurvatureConfig", "CURVATURE_MODELS", "EditingConfig", "EDITING_MODELS"]
 
 # curvature model name -> (registered metanetwork, hyperparameters): about 15K parameters each where the input
 # layout allows. GradMetaNet and GradMetaNet++ start from the standard estimator (head_init="fisher": their
@@ -64,8 +64,6 @@ EDITING_MODELS: dict[str, tuple[str, dict]] = {
     "ws+gradmetanet+oce": ("weight-editor", dict(hidden_channels=30, num_layers=3, grad_net="gradmetanet",
                                                  grad_hidden=16, grad_layers=2, grad_channels=4, edits=8)),
 }
-# reference rows that are not trained (computed by gradgraph.tasks.editing.reference_metrics)
-EDITING_REFERENCES = ("identity", "oracle", "adam-k")
 
 
 @dataclass
