@@ -31,6 +31,9 @@ PRESETS = {
     # ws+gradmetanet++ (about 15x slower per epoch than ws+gradmetanet on CPU: its pairwise head is O(P b f))
     "cpu": dict(num_images=1797, seeds=(0, 1, 2), epochs=10, patience=None, lr=3e-3,
                 models=("ws", "ws+probe", "ws+probe+target", "ws+gradmetanet", "ws+gradmetanet+oce")),
+    # longer training of the main rows, one seed (~30 min on a shared 2-core CPU)
+    "cpu-long": dict(num_images=1797, seeds=(0,), epochs=30, patience=None, lr=3e-3,
+                     models=("ws", "ws+probe+target", "ws+gradmetanet", "ws+gradmetanet+oce")),
     # for tests: seconds
     "tiny": dict(num_images=40, fit_steps=100, seeds=(0,), epochs=1, patience=None, models=("ws", "ws+gradmetanet"),
                  adam_grid={"k": (0, 3), "lr": (1e-3,)}),
