@@ -17,7 +17,9 @@ values or the gradient graph of an editing loss) predict a weight change Delta t
 The graph must carry ``theta`` [P] (theta order), and ``probe_out`` / ``point_target`` [b] when used. Weights and
 edits are measured in per-tensor units (``theta_scale``: the RMS of each parameter tensor over calibration data,
 set by :meth:`WeightEditor.calibrate`), which keeps every layer's input and output at one scale and is
-equivariant (one number per tensor). The output layer starts at zero, so training starts from Delta theta = 0.
+equivariant (one number per tensor). With one edit the output layer starts at zero, so training starts from
+Delta theta = 0; with k > 1 it keeps its random initialization (k edits started at zero would get identical
+gradients and stay identical, which makes averaging them pointless).
 Equivariant to every neuron permutation of the edited network.
 """
 from __future__ import annotations
@@ -89,9 +91,10 @@ class WeightEditor(nn.Module):
         width = 1 + (grad_channels if self.grad is not None else 0)
         self.ws = WeightSpaceGMN(hidden_channels, num_layers, "param", edits, pe_dim=pe_dim, gradient_input=False,
                                  weight_features=width, node_features=num_points * (int(probe) + int(target)))
-        for lin in (self.ws.edge_out, self.ws.bias_out):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        if edits == 1:  # start from Delta theta = 0; k > 1 edits keep torch's random init: k zero-initialized
+            for lin in (self.ws.edge_out, self.ws.bias_out):  # edits get identical gradients and stay identical
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
         self.register_buffer("theta_scale", torch.ones(num_tensors))
 
     @torch.no_grad()
