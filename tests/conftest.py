@@ -29,3 +29,11 @@ def assert_tensors_close(got: dict, want: dict, rtol=1e-6):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def editing_data(tmp_path_factory):
+    """A small DigitINRs (40 digits, 300-step fits) shared by the editing tests."""
+    from gradgraph.data import DigitINRs
+
+    return DigitINRs(tmp_path_factory.mktemp("digit_inrs"), num_images=40, steps=300, progress=False)

@@ -22,6 +22,9 @@ BENCHMARKS.register("capture", "gradgraph.bench:capture",
 BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
                     help="Curvature estimation: every model over training sizes and seeds, against S and calibrated "
                          "estimators.")
+BENCHMARKS.register("editing", "gradgraph.bench:editing",
+                    help="INR editing: every model over seeds on the digit INRs, against no edit, the oracle and k "
+                         "Adam steps.")
 BENCHMARKS.register("lopt-step", "gradgraph.bench:lopt_step",
                     help="Learned-optimizer step cost: Adam, sgdm, ds and ds+gradmetanet per step, each beside its "
                          "FLOP floor.")

@@ -192,10 +192,16 @@ class WeightSpaceGMN(nn.Module):
 
     Every weight entry is an edge carrying a state; nodes carry states initialized from their bias gradients
     and the PE. A layer updates edges from their endpoints, then nodes from the mean of incoming and outgoing
-    edges. Equivariant to neuron permutations."""
+    edges. Equivariant to neuron permutations.
+
+    Extra inputs (off by default; the defaults give exactly the gradient-only model): ``weight_features=F``
+    adds per-parameter features [P, F] in theta order (e.g. the weights theta, as in GMN / ScaleGMN) to the
+    edge and bias inputs, ``node_features=F`` adds per-node features [N, F] (e.g. probe activations), both
+    passed to ``forward``; ``gradient_input=False`` drops the gradients (a weight-space-only model)."""
 
     def __init__(self, hidden_channels: int = 64, num_layers: int = 3, out_level: str = "param",
-                 out_channels: int = 1, mode: str = "average", set_size: int | None = None, pe_dim: int = 16) -> None:
+                 out_channels: int = 1, mode: str = "average", set_size: int | None = None, pe_dim: int = 16,
+                 weight_features: int = 0, node_features: int = 0, gradient_input: bool = True) -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         if mode not in ("average", "concat"):
@@ -204,10 +210,12 @@ class WeightSpaceGMN(nn.Module):
             raise ValueError("WeightSpaceGMN(mode='concat') needs set_size=b (its input has one feature per sample)")
         f = hidden_channels
         self.mode, self.set_size, self.out_level, self.out_channels = mode, set_size, out_level, out_channels
-        d = 1 if mode == "average" else set_size
+        d = ((1 if mode == "average" else set_size) + 1) if gradient_input else 0  # gradients and their log scale
+        self.gradient_input, self.weight_features, self.node_features = gradient_input, weight_features, node_features
+        d += weight_features
         self.pe = NodeEncoding(pe_dim)
-        self.node_in = nn.Linear(3 * pe_dim + (d + 1) + 1, f)
-        self.edge_in = nn.Linear((d + 1) + 2, f)
+        self.node_in = nn.Linear(3 * pe_dim + d + node_features + 1, f)
+        self.edge_in = nn.Linear(d + 2, f)
         self.kind = kind_embedding(f)
         self.edge_mlps = nn.ModuleList(mlp(3 * f, f, f) for _ in range(num_layers))
         self.node_mlps = nn.ModuleList(mlp(3 * f, f, f) for _ in range(num_layers))
@@ -233,12 +241,12 @@ class WeightSpaceGMN(nn.Module):
             feats.append(torch.cat([theta / rms, torch.log(rms).expand(theta.shape[0], 1) / 10], 1))
         return torch.cat(feats).to(self.edge_in.weight.dtype)
 
-    def forward(self, graph) -> Tensor:
+    def forward(self, graph, weights: Tensor | None = None, node_features: Tensor | None = None) -> Tensor:
         _check(graph, self.out_level)
         layout = BatchLayout(graph)
         graph.materialize_edges()
-        theta = self.gradient_features(graph, layout)
         dtype = self.edge_in.weight.dtype
+        theta = self._inputs(graph, layout, weights)
         src, dst = graph.edge_index[:, graph.wentry_edge]
         op = graph.edge_op[graph.wentry_edge]
         coords = _entry_coords(graph, layout).to(dtype)
@@ -247,7 +255,9 @@ class WeightSpaceGMN(nn.Module):
         bias[graph.bentry_node] = theta[graph.bentry_theta]
         has_bias = torch.zeros(layout.num_nodes, 1, dtype=dtype, device=bias.device)
         has_bias[graph.bentry_node] = 1
-        u = self.node_in(torch.cat([self.pe(graph), bias, has_bias], -1))
+        extra = ([_checked(node_features, self.node_features, layout.num_nodes, "node_features").to(dtype)]
+                 if self.node_features else [])
+        u = self.node_in(torch.cat([self.pe(graph), bias, *extra, has_bias], -1))
         N = layout.num_nodes
         for emlp, nmlp, en, nn_ in zip(self.edge_mlps, self.node_mlps, self.edge_norms, self.node_norms):
             e = e + emlp(torch.cat([en(e), u[src], u[dst]], -1))
@@ -262,6 +272,26 @@ class WeightSpaceGMN(nn.Module):
         out[graph.wentry_theta] = self.edge_out(F.gelu(e))
         out[graph.bentry_theta] = self.bias_out(F.gelu(u[graph.bentry_node]))
         return out
+
+
+    def _inputs(self, graph, layout, weights: Tensor | None) -> Tensor:
+        """[P, d]: the per-parameter input (gradient features, then the extra weight features)."""
+        parts = [self.gradient_features(graph, layout)] if self.gradient_input else []
+        if self.weight_features:
+            parts.append(_checked(weights, self.weight_features, layout.num_params, "weights"))
+        if not parts:
+            return self.edge_in.weight.new_zeros(layout.num_params, 0)
+        return torch.cat([p.to(self.edge_in.weight.dtype) for p in parts], -1)
+
+
+def _checked(x: Tensor | None, width: int, rows: int, name: str) -> Tensor | None:
+    if not width:
+        return x
+    if x is None or x.shape != (rows, width):
+        got = None if x is None else tuple(x.shape)
+        raise ValueError(f"WeightSpaceGMN was built with {name}={width}: forward needs {name} of shape "
+                         f"{(rows, width)}, got {got}")
+    return x
 
 
 def _entry_coords(graph, layout) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..registry import Registry
 from .baselines import BatchAsymmetric, MLPConcat, NeuronAsymmetric, WeightSpaceGMN
+from .editing import WeightEditor
 from .models import GradMetaNet, GradMetaNetPlusPlus
 
 __all__ = ["METANETWORKS"]
@@ -51,3 +52,11 @@ def weight_space_gmn(example_graph=None, set_size=None, **hyper) -> WeightSpaceG
     if hyper.get("mode") == "concat" and "set_size" not in hyper:
         hyper["set_size"] = set_size if set_size is not None else example_graph.set_size
     return WeightSpaceGMN(**hyper)
+
+
+@METANETWORKS.register("weight-editor")
+def weight_editor(example_graph=None, set_size=None, **hyper) -> WeightEditor:
+    """Predict a weight change from theta (+ probe, target or GradMetaNet channels); see gradgraph.nn.editing."""
+    if example_graph is None:
+        raise ValueError("the weight-editor metanetwork needs example_graph= (its architecture's parameter tensors)")
+    return WeightEditor(len(example_graph.spec.trainable), set_size or example_graph.set_size, **hyper)

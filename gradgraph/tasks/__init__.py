@@ -18,13 +18,17 @@ from ..registry import Registry
 TASKS = Registry("task")
 TASKS.register("curvature", "gradgraph.tasks.configs:CurvatureConfig",
                help="predict SIREN Fisher diagonals from 128 gradients (paper Sec. 5.1)")
+TASKS.register("editing", "gradgraph.tasks.configs:EditingConfig",
+               help="edit digit INRs into their dilation: predict a weight change (paper Sec. 5.3)")
 # tasks of other installed packages: an entry point "name = package.module:Config" in group "gradgraph.tasks"
 for _ep in importlib.metadata.entry_points(group="gradgraph.tasks"):
     if _ep.name not in TASKS:
         TASKS.register(_ep.name, _ep.value)
 
 _LAZY = {"CurvatureConfig": "configs", "CURVATURE_MODELS": "configs", "train_curvature": "curvature",
-         "build_model": "curvature", "CurvatureTask": "curvature"}
+         "build_model": "curvature", "CurvatureTask": "curvature",
+         "EditingConfig": "configs", "EDITING_MODELS": "configs", "EditingTask": "editing",
+         "train_editing": "editing"}
 
 __all__ = ["TASKS", *_LAZY]
 

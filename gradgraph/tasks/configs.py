@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..train.config import TrainConfig, option
 
-__all__ = ["CurvatureConfig", "CURVATURE_MODELS"]
+__all__ = ["CurvatureConfig", "CURVATURE_MODELS", "EditingConfig", "EDITING_MODELS"]
 
 # curvature model name -> (registered metanetwork, hyperparameters): about 15K parameters each where the input
 # layout allows. GradMetaNet and GradMetaNet++ start from the standard estimator (head_init="fisher": their
@@ -58,3 +58,43 @@ class CurvatureConfig(TrainConfig):
 
     def run_name(self) -> str:
         return f"{self.model}-n{self.train_size}-s{self.seed}"
+
+
+# editing model name -> (registered metanetwork, hyperparameters). Every learned row is a WeightEditor (see
+# gradgraph.nn.editing): the same weight-space network on theta, with probe / target node features or
+# GradMetaNet(++) channels added; the widths keep every model at about 29-30K parameters (measured counts in
+# the benchmark table). "+oce" emits 8 edits and averages the 8 edited INRs' renderings.
+EDITING_MODELS: dict[str, tuple[str, dict]] = {
+    "ws": ("weight-editor", dict(hidden_channels=33, num_layers=3)),
+    "ws+probe": ("weight-editor", dict(hidden_channels=32, num_layers=3, probe=True)),
+    "ws+probe+target": ("weight-editor", dict(hidden_channels=31, num_layers=3, probe=True, target=True)),
+    "ws+gradmetanet": ("weight-editor", dict(hidden_channels=30, num_layers=3, grad_net="gradmetanet",
+                                             grad_hidden=16, grad_layers=2, grad_channels=4)),
+    "ws+gradmetanet++": ("weight-editor", dict(hidden_channels=28, num_layers=3, grad_net="gradmetanet++",
+                                               grad_hidden=16, grad_layers=2, grad_channels=4)),
+    "ws+gradmetanet+oce": ("weight-editor", dict(hidden_channels=30, num_layers=3, grad_net="gradmetanet",
+                                                 grad_hidden=16, grad_layers=2, grad_channels=4, edits=8)),
+}
+
+
+@dataclass
+class EditingConfig(TrainConfig):
+    """Edit INRs of digits into their dilation: predict a weight change from the weights (and probe, target or
+    GradMetaNet features of the editing-loss gradients) (paper Sec. 5.3)."""
+
+    model: str = option("ws+gradmetanet", "the editing model", choices=list(EDITING_MODELS))
+    num_images: int = option(1797, "digits in the dataset (the first N of scikit-learn's 1,797)")
+    inrs_per_image: int = option(1, "INRs per image (other initialization seeds)")
+    fit_steps: int = option(500, "Adam steps of each INR's fit")
+    num_points: int = option(64, "coordinates of the editing-loss gradient graph (the set size)")
+    data_seed: int = option(0, "seed of the dataset (INR initializations, gradient coordinates, splits)")
+    train_size: int | None = option(None, "training INRs (the first N of the training split; default all)")
+    dataset_root: str | None = option(None, "dataset folder (default $GRADGRAPH_DATASETS/digit_inrs or "
+                                      "datasets/digit_inrs)", identity=False)
+    out_dir: str = option("runs/editing", "parent folder of the run folder", identity=False)
+
+    task: ClassVar[str] = "gradgraph.tasks.editing:EditingTask"
+
+    def run_name(self) -> str:
+        size = "" if self.train_size is None else f"-n{self.train_size}"
+        return f"{self.model}-i{self.num_images}x{self.inrs_per_image}{size}-s{self.seed}"
