@@ -178,6 +178,13 @@ def cmd_meta_train(args) -> int:
     return run(args)
 
 
+THREADS_HELP = "torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: fastest for gradgraph's small ops)"
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the benchmark named in ``argv`` (if any) has its options loaded."""
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
@@ -188,6 +195,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples in the batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
+    _threads_option(p)
     p.set_defaults(func=cmd_inspect)
 
     f = sub.add_parser("fisher", help="estimate a model's Fisher diagonal with a trained curvature run",
@@ -197,6 +205,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32, help="samples whose gradients the estimate sees")
     f.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     f.add_argument("--out", help="also save {name: tensor} here (gradgraph's versioned format)")
+    _threads_option(f)
     f.set_defaults(func=cmd_fisher)
 
     train = sub.add_parser("train", help="train a metanetwork on a task").add_subparsers(dest="task", required=True)
@@ -221,7 +230,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the meta-parameters and of PES")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")
     m.add_argument("--save-every", type=int, default=10, help="meta-steps between checkpoints")
-    m.add_argument("--threads", type=int, default=1, help="torch threads")
+    _threads_option(m)
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_meta_train)
 
@@ -235,14 +244,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             module = BENCHMARKS.get(name)
             b.description = (module.__doc__ or "").strip().split("\n\n")[0]
             module.add_arguments(b)
+            if "--threads" not in b._option_string_actions:
+                _threads_option(b)
             b.set_defaults(func=module.run)
     return parser
+
+
+def _apply_thread_policy(args: argparse.Namespace) -> None:
+    """``--threads`` if given, else ``$OMP_NUM_THREADS``, else 1 (gradgraph.threads); the count is written back
+    to ``args.threads`` so that a command (and a training config) records what it ran with."""
+    from .threads import set_threads
+
+    args.threads = set_threads(getattr(args, "threads", None))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
+        _apply_thread_policy(args)
         return args.func(args)
     except GradGraphError as e:  # a message written for the user: no traceback
         print(f"error: {e}", file=sys.stderr)
