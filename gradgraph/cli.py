@@ -37,9 +37,28 @@ def _value_type(hint):
     return hint
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+def _preset(config_cls: type, argv: list[str]) -> dict:
+    """The values of the preset named by ``--preset NAME`` (or ``--preset=NAME``) in ``argv``, if any."""
+    presets = getattr(config_cls, "presets", {})
+    for k, a in enumerate(argv):
+        name = argv[k + 1] if a == "--preset" and k + 1 < len(argv) else a[9:] if a.startswith("--preset=") else None
+        if name in presets:
+            return presets[name]
+    return {}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None = None) -> None:
     """One option per field of ``config_cls``, the task's own fields first: ``--train-size`` for
-    ``train_size``, typed from the annotation, with the field's help, choices and default."""
+    ``train_size``, typed from the annotation, with the field's help, choices and default. A config with
+    ``presets`` (named sets of defaults) gets ``--preset NAME``: the preset's values become the defaults, so
+    options given explicitly still win (and ``--preset NAME --help`` shows them)."""
+    presets = getattr(config_cls, "presets", {})
+    chosen = _preset(config_cls, argv or [])
+    if presets:
+        parser.add_argument("--preset", choices=list(presets), default=None,
+                            help="a named set of defaults: " + "; ".join(
+                                f"{n}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for n, p in presets.items())
+                            + " (default: the values shown)")
     hints = typing.get_type_hints(config_cls)
     inherited = {f.name for base in config_cls.__mro__[1:] if hasattr(base, "__dataclass_fields__")
                  for f in fields(base)}
@@ -48,6 +67,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
     for f in ordered:
         hint = _value_type(hints[f.name])
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = chosen.get(f.name, default)
         kwargs: dict = {"default": default, "help": f.metadata.get("help") or " ", "dest": f.name}
         choices = f.metadata.get("choices")
         if callable(choices):
@@ -187,6 +207,7 @@ def _threads_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the benchmark named in ``argv`` (if any) has its options loaded."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="capture a batch of a model and summarize its gradient graph",
@@ -213,7 +234,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         config_cls = TASKS.get(name)
         t = train.add_parser(name, help=TASKS.help(name), description=(config_cls.__doc__ or "").strip(),
                              formatter_class=_Formatter)
-        add_config_arguments(t, config_cls)
+        add_config_arguments(t, config_cls, argv if argv[:2] == ["train", name] else None)
         t.add_argument("--quiet", action="store_true", help="no progress bars")
         t.set_defaults(func=cmd_train, config_cls=config_cls)
 
@@ -236,7 +257,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark and write its markdown table")
     benches = bench.add_subparsers(dest="benchmark", required=True)
-    argv = list(sys.argv[1:] if argv is None else argv)
     wanted = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
     for name in BENCHMARKS:
         b = benches.add_parser(name, help=BENCHMARKS.help(name), formatter_class=_Formatter)

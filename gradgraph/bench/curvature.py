@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from ..io import atomic_write_text
-from ..train.loop import on_epoch, progress_bar
 from ..tasks.curvature import MODELS, CurvatureConfig, CurvatureTask, load_dataset, train_curvature
 from ..tasks.curvature_baselines import fit_all, noise_floor
+from ..train.loop import on_epoch, progress_bar
 from .curvature_report import plot, report
 from .measure import machine_description
 
