@@ -56,6 +56,6 @@ lab: $(VENV)/.notebooks
 		$(VENV)/bin/jupyter lab notebooks/
 
 docs: $(VENV)/.docs
-	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 .PHONY: install bench-peers demo test notebooks lab docs
