@@ -126,7 +126,8 @@ class GridProgress:
             split = dataset.split_indices(cfg.train_size)
             self.per_epoch[cfg.run_name()] = 3 * len(split["train"]) + len(split["val"])
         self.seen: dict[str, int] = {}
-        total = sum(self.per_epoch[c.run_name()] * c.epochs for c in configs)
+        self.done = 0
+        self.total = total = sum(self.per_epoch[c.run_name()] * c.epochs for c in configs)
         self.bar = progress_bar(total=total, enabled=enabled, desc=f"grid of {len(configs)} runs", unit="work",
                                 unit_scale=True, position=0, smoothing=0.1)
         self.epochs = {c.run_name(): c.epochs for c in configs}
@@ -139,6 +140,7 @@ class GridProgress:
         new = target - self.seen.get(name, 0)
         if new > 0:
             self.seen[name] = target
+            self.done += new * self.per_epoch[name]
             self.bar.update(new * self.per_epoch[name])
 
     def close(self) -> None:
