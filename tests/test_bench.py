@@ -83,3 +83,18 @@ def test_the_curvature_grid_has_one_bar_over_every_run():
     grid(configs[3], 4, True)
     assert grid.done == grid.total
     grid.close()
+
+
+def test_an_off_scale_improvement_is_drawn_on_the_edge_with_its_value():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradgraph.bench.curvature_report import FLOOR, _improvement_line
+
+    fig, ax = plt.subplots()
+    _improvement_line(ax, (10, 100), (-250.0, 5.0), "--", "x", "C0", "s-affine")
+    assert min(ax.lines[0].get_ydata()) == FLOOR and ax.get_ylim()[0] < FLOOR
+    assert [t.get_text() for t in ax.texts] == ["-250%"]
+    plt.close(fig)
