@@ -37,9 +37,28 @@ def _value_type(hint):
     return hint
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+def _preset(config_cls: type, argv: list[str]) -> dict:
+    """The values of the preset named by ``--preset NAME`` (or ``--preset=NAME``) in ``argv``, if any."""
+    presets = getattr(config_cls, "presets", {})
+    for k, a in enumerate(argv):
+        name = argv[k + 1] if a == "--preset" and k + 1 < len(argv) else a[9:] if a.startswith("--preset=") else None
+        if name in presets:
+            return presets[name]
+    return {}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None = None) -> None:
     """One option per field of ``config_cls``, the task's own fields first: ``--train-size`` for
-    ``train_size``, typed from the annotation, with the field's help, choices and default."""
+    ``train_size``, typed from the annotation, with the field's help, choices and default. A config with
+    ``presets`` (named sets of defaults) gets ``--preset NAME``: the preset's values become the defaults, so
+    options given explicitly still win (and ``--preset NAME --help`` shows them)."""
+    presets = getattr(config_cls, "presets", {})
+    chosen = _preset(config_cls, argv or [])
+    if presets:
+        parser.add_argument("--preset", choices=list(presets), default=None,
+                            help="a named set of defaults: " + "; ".join(
+                                f"{n}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for n, p in presets.items())
+                            + " (default: the values shown)")
     hints = typing.get_type_hints(config_cls)
     inherited = {f.name for base in config_cls.__mro__[1:] if hasattr(base, "__dataclass_fields__")
                  for f in fields(base)}
@@ -48,6 +67,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
     for f in ordered:
         hint = _value_type(hints[f.name])
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = chosen.get(f.name, default)
         kwargs: dict = {"default": default, "help": f.metadata.get("help") or " ", "dest": f.name}
         choices = f.metadata.get("choices")
         if callable(choices):
@@ -184,8 +204,16 @@ def cmd_meta_train(args) -> int:
     return run(args)
 
 
+THREADS_HELP = "torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: fastest for gradgraph's small ops)"
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the benchmark named in ``argv`` (if any) has its options loaded."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="capture a batch of a model and summarize its gradient graph",
@@ -194,6 +222,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples in the batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
+    _threads_option(p)
     p.set_defaults(func=cmd_inspect)
 
     f = sub.add_parser("fisher", help="estimate a model's Fisher diagonal with a trained curvature run",
@@ -203,6 +232,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32, help="samples whose gradients the estimate sees")
     f.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     f.add_argument("--out", help="also save {name: tensor} here (gradgraph's versioned format)")
+    _threads_option(f)
     f.set_defaults(func=cmd_fisher)
 
     train = sub.add_parser("train", help="train a metanetwork on a task").add_subparsers(dest="task", required=True)
@@ -210,7 +240,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         config_cls = TASKS.get(name)
         t = train.add_parser(name, help=TASKS.help(name), description=(config_cls.__doc__ or "").strip(),
                              formatter_class=_Formatter)
-        add_config_arguments(t, config_cls)
+        add_config_arguments(t, config_cls, argv if argv[:2] == ["train", name] else None)
         t.add_argument("--quiet", action="store_true", help="no progress bars")
         t.set_defaults(func=cmd_train, config_cls=config_cls)
 
@@ -227,13 +257,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the meta-parameters and of PES")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")
     m.add_argument("--save-every", type=int, default=10, help="meta-steps between checkpoints")
-    m.add_argument("--threads", type=int, default=1, help="torch threads")
+    _threads_option(m)
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_meta_train)
 
     bench = sub.add_parser("bench", help="run a benchmark and write its markdown table")
     benches = bench.add_subparsers(dest="benchmark", required=True)
-    argv = list(sys.argv[1:] if argv is None else argv)
     wanted = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
     for name in BENCHMARKS:
         b = benches.add_parser(name, help=BENCHMARKS.help(name), formatter_class=_Formatter)
@@ -241,14 +270,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             module = BENCHMARKS.get(name)
             b.description = (module.__doc__ or "").strip().split("\n\n")[0]
             module.add_arguments(b)
+            if "--threads" not in b._option_string_actions:
+                _threads_option(b)
             b.set_defaults(func=module.run)
     return parser
+
+
+def _apply_thread_policy(args: argparse.Namespace) -> None:
+    """``--threads`` if given, else ``$OMP_NUM_THREADS``, else 1 (gradgraph.threads); the count is written back
+    to ``args.threads`` so that a command (and a training config) records what it ran with."""
+    from .threads import set_threads
+
+    args.threads = set_threads(getattr(args, "threads", None))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
+        _apply_thread_policy(args)
         return args.func(args)
     except GradGraphError as e:  # a message written for the user: no traceback
         print(f"error: {e}", file=sys.stderr)

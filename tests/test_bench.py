@@ -59,3 +59,42 @@ def test_the_cli_loads_only_the_named_benchmark():
     for name in BENCHMARKS.names():
         args = build_parser(["bench", name]).parse_args(["bench", name])
         assert args.benchmark == name and args.func is BENCHMARKS.get(name).run
+
+
+def test_the_curvature_grid_has_one_bar_over_every_run():
+    """The grid's bar counts 3 per training model and 1 per validation model per epoch; a run stopped early
+    gives its remaining epochs back and a run read back finished counts at once, so the bar ends full."""
+    from gradgraph.bench.curvature import GridProgress
+    from gradgraph.tasks.configs import CurvatureConfig
+
+    class Data:
+        def split_indices(self, n):
+            return {"train": list(range(n)), "val": list(range(7)), "test": []}
+
+    configs = [CurvatureConfig(model=m, train_size=n, epochs=4) for n in (2, 5) for m in ("gradmetanet", "gmn-average")]
+    grid = GridProgress(configs, Data(), enabled=False)
+    assert grid.total == 4 * 2 * (3 * 2 + 7) + 4 * 2 * (3 * 5 + 7)
+    grid(configs[0], 1, False)
+    grid(configs[0], 2, True)  # early stopping after 2 of 4 epochs
+    grid(configs[1], 4, True)  # read back finished
+    for e in range(1, 5):
+        grid(configs[2], e, e == 4)
+    grid(configs[3], 3, False)
+    grid(configs[3], 4, True)
+    assert grid.done == grid.total
+    grid.close()
+
+
+def test_an_off_scale_improvement_is_drawn_on_the_edge_with_its_value():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradgraph.bench.curvature_report import FLOOR, _improvement_line
+
+    fig, ax = plt.subplots()
+    _improvement_line(ax, (10, 100), (-250.0, 5.0), "--", "x", "C0", "s-affine")
+    assert min(ax.lines[0].get_ydata()) == FLOOR and ax.get_ylim()[0] < FLOOR
+    assert [t.get_text() for t in ax.texts] == ["-250%"]
+    plt.close(fig)

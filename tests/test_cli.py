@@ -44,9 +44,50 @@ def test_train_help_shows_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "curvature", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--train-size INT", "(default: 2000)", "--model {gradmetanet,", "--lr FLOAT", "(default: 0.001)",
-                 "--patience INT", "--out-dir STR", "(default: runs/curvature)"):
+    for text in ("--train-size INT", "(default: 100)", "--model {gradmetanet,", "--lr FLOAT", "(default: 0.001)",
+                 "--patience INT", "--out-dir STR", "(default: runs/curvature)", "--preset {quick,paper}",
+                 "--threads INT"):
         assert text in out, text
+
+
+def test_a_preset_sets_the_defaults_and_explicit_options_win():
+    from gradgraph.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        argv = ["train", "curvature", *argv]
+        args = build_parser(argv).parse_args(argv)
+        return config_from_args(args.config_cls, args)
+
+    bare, paper = cfg(), cfg("--preset", "paper")
+    assert (bare.train_size, bare.num_models, bare.epochs) == (100, 300, 20)  # a few minutes on 2 cores
+    assert (paper.train_size, paper.num_models, paper.epochs) == (2000, 3000, 100)
+    assert cfg("--preset=paper", "--epochs", "7").epochs == 7 and cfg("--epochs", "7", "--preset", "paper").epochs == 7
+
+
+def test_thread_policy(monkeypatch):
+    """--threads wins, then OMP_NUM_THREADS, then 1; every command records the count it ran with."""
+    import torch
+
+    from gradgraph.cli import _apply_thread_policy, build_parser
+    from gradgraph.threads import resolve_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert resolve_threads() == 1 and resolve_threads(3) == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert resolve_threads() == 2 and resolve_threads(1) == 1
+        for argv in (["inspect"], ["fisher", "--run", "x"], ["train", "curvature"], ["meta-train"],
+                     ["bench", "curvature"], ["bench", "capture"]):
+            args = build_parser(argv).parse_args(argv + ["--threads", "1"])
+            _apply_thread_policy(args)
+            assert args.threads == 1 and torch.get_num_threads() == 1, argv
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # (set_threads exports its count to child processes)
+        args = build_parser(["inspect"]).parse_args(["inspect"])
+        _apply_thread_policy(args)
+        assert args.threads == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_registered_task_gets_its_command_for_free(tmp_path, capsys, monkeypatch):

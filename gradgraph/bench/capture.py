@@ -305,7 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing every engine's gradients with the graph's")
     m.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's, usually the number of cores)")
+                   help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
     m.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"markdown file (default {DEFAULT_OUTPUT})")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..io import atomic_write_text
 from ..tasks.curvature import MODELS, CurvatureConfig, CurvatureTask, load_dataset, train_curvature
 from ..tasks.curvature_baselines import fit_all, noise_floor
+from ..train.loop import on_epoch, progress_bar
 from .curvature_report import plot, report
 from .measure import machine_description
 
@@ -30,7 +31,7 @@ PRESETS = {
     "cpu": dict(num_models=3000, sizes=(10, 100, 500, 2000), seeds=(0, 1, 2), epochs=100, patience=15,
                 models=MODELS),
     # the main job of `make demo`: a few minutes
-    "demo": dict(num_models=400, sizes=(10, 100), seeds=(0,), epochs=15, patience=None,
+    "demo": dict(num_models=300, sizes=(10, 100), seeds=(0,), epochs=10, patience=None,
                  models=("gradmetanet", "gmn-average", "neuron-asym")),
     # for tests: seconds
     "tiny": dict(num_models=45, num_points=8, sizes=(5,), seeds=(0,), epochs=2, patience=None,
@@ -116,6 +117,38 @@ def collect(configs) -> dict:
     return results
 
 
+class GridProgress:
+    """One progress bar over the whole grid, in units of work (an epoch of a run counts 3 per training model,
+    forward + backward, and 1 per validation model), so that its ETA covers every remaining run, not only the
+    current one; runs already finished count at once, runs stopped early give their remaining epochs back."""
+
+    def __init__(self, configs, dataset, enabled: bool = True) -> None:
+        self.per_epoch = {}
+        for cfg in configs:
+            split = dataset.split_indices(cfg.train_size)
+            self.per_epoch[cfg.run_name()] = 3 * len(split["train"]) + len(split["val"])
+        self.seen: dict[str, int] = {}
+        self.done = 0
+        self.total = total = sum(self.per_epoch[c.run_name()] * c.epochs for c in configs)
+        self.bar = progress_bar(total=total, enabled=enabled, desc=f"grid of {len(configs)} runs", unit="work",
+                                unit_scale=True, position=0, smoothing=0.1)
+        self.epochs = {c.run_name(): c.epochs for c in configs}
+
+    def __call__(self, cfg, epoch: int, done: bool) -> None:
+        name = cfg.run_name()
+        if name not in self.per_epoch:
+            return
+        target = self.epochs[name] if done else epoch
+        new = target - self.seen.get(name, 0)
+        if new > 0:
+            self.seen[name] = target
+            self.done += new * self.per_epoch[name]
+            self.bar.update(new * self.per_epoch[name])
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run(args) -> int:
     if args.datasets_dir:
         os.environ["GRADGRAPH_DATASETS"] = args.datasets_dir  # datasets the runs open themselves
@@ -126,9 +159,12 @@ def run(args) -> int:
     ds = None
     if not args.report_only:
         ds = load_dataset(configs[0], progress=not args.quiet)
-        for k, cfg in enumerate(configs):
-            if k % n == i:
+        mine = [cfg for k, cfg in enumerate(configs) if k % n == i]
+        grid_bar = GridProgress(mine, ds, enabled=not args.quiet)
+        with on_epoch(grid_bar):
+            for cfg in mine:
                 train_curvature(cfg, ds, progress=not args.quiet)
+        grid_bar.close()
     refs: dict = {}
     if args.calibrated:
         for size in g["sizes"]:

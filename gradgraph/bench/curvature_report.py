@@ -171,24 +171,37 @@ def report(results: dict, refs: dict, g: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+FLOOR = -40.0  # improvements below this (%) are drawn as markers on the bottom edge, labelled with their value
+
+
 def plot(results: dict, refs: dict, path: Path) -> None:
+    """Left: test nmse against the training-set size (error bars over seeds only with >= 2 seeds); right: the
+    improvement over S with its 95% paired bootstrap band. One colour per model in both panels; the number of
+    seeds is in the caption; series below -40% are drawn on the bottom edge with their values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_imp) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, ax_imp) = plt.subplots(1, 2, figsize=(12, 5))
     models = sorted({m for m, _ in results}, key=lambda m: MODELS.index(m))
     sizes = sorted({n for _, n in results} | set(refs))
+    palette = plt.get_cmap("tab10").colors
+    colour = {name: palette[k % len(palette)] for k, name in enumerate([*models, *CALIBRATED])}
+    colour.update({"standard": "k", "noise floor": "0.4"})
     for name in ("standard", *CALIBRATED, "noise floor"):
         pts = [(n, float(_overall(refs[n][name], "nmse").mean())) for n in sizes if name in refs.get(n, {})]
         if pts:
-            style = {"standard": "k--", "noise floor": "k:"}.get(name, "--")
-            ax.plot(*zip(*pts), style, marker="x", alpha=0.8,
-                    label={"standard": "standard estimator S", "noise floor": "noise floor"}.get(name, name))
+            ax.plot(*zip(*pts), ":" if name == "noise floor" else "--", marker="x", alpha=0.8, color=colour[name],
+                    label={"standard": "standard estimator S", "noise floor": "noise floor (Monte Carlo targets)"}
+                    .get(name, f"{name} (calibrated S)"))
+    seeds = sorted({len(runs) for runs in results.values()})
     for model in models:
         pts = sorted((n, [r["test_nmse"] for r in runs]) for (m, n), runs in results.items() if m == model)
-        ax.errorbar([n for n, _ in pts], [sum(v) / len(v) for _, v in pts], marker="o", capsize=3, label=model)
+        stats = [_mean_std(v) for _, v in pts]
+        err = [0.0 if math.isnan(sd) else sd for _, sd in stats]
+        ax.errorbar([n for n, _ in pts], [mean for mean, _ in stats], yerr=err if any(err) else None, marker="o",
+                    capsize=3, color=colour[model], label=model)
         imp = []
         for n, _ in pts:
             std = _standard(results, refs, n)
@@ -197,29 +210,43 @@ def plot(results: dict, refs: dict, path: Path) -> None:
                 imp.append((n, 100 * r["improvement"], 100 * r["lo"], 100 * r["hi"]))
         if imp:
             ns, mid, lo, hi = zip(*imp)
-            ax_imp.plot(ns, mid, marker="o", label=model)
-            ax_imp.fill_between(ns, lo, hi, alpha=0.2)
+            _improvement_line(ax_imp, ns, mid, "-", "o", colour[model], model)
+            ax_imp.fill_between(ns, [max(v, FLOOR) for v in lo], [max(v, FLOOR) for v in hi], alpha=0.2,
+                                color=colour[model])
     for name in CALIBRATED:
         imp = [(n, 100 * paired_bootstrap(_overall(refs[n][name], "nmse"), _overall(refs[n]["standard"], "nmse"))
                 ["improvement"]) for n in sizes if name in refs.get(n, {}) and "standard" in refs[n]]
         if imp:
-            ax_imp.plot(*zip(*imp), "--", marker="x", alpha=0.8, label=f"{name} (calibrated S)")
-    ax_imp.axhline(0, color="k", ls="--", lw=0.8)
-    low = min([min(line.get_ydata()) for line in ax_imp.get_lines() if len(line.get_ydata())] + [0])
-    if low < -40:
-        ax_imp.set_ylim(bottom=-40)
-        ax_imp.annotate(f"series below -40% are cut off (lowest {low:.0f}%)", (0.02, 0.02),
-                        xycoords="axes fraction", fontsize=8)
+            _improvement_line(ax_imp, *zip(*imp), "--", "x", colour[name], f"{name} (calibrated S)")
+    ax_imp.axhline(0, color="k", ls="--", lw=0.8, label="S (0%)")
     for a in (ax, ax_imp):
         a.set_xscale("log")
-        a.set_xlabel("training models")
+        a.set_xlabel("training models (count, log scale)")
         a.legend(fontsize=7)
+        a.grid(alpha=0.3, which="both")
     ax.set_yscale("log")
-    ax.set_ylabel("test nmse (per-tensor normalized, lower is better)")
+    ax.set_ylabel("test nmse (dimensionless; lower is better)")
     ax.set_title("Fisher diagonal estimation from 128 gradients")
-    ax_imp.set_ylabel("improvement over S (%), 95% bootstrap band")
+    ax_imp.set_ylabel("improvement over S (%), 95% paired bootstrap band")
     ax_imp.set_title("1 - nmse / nmse(S), higher is better")
-    fig.tight_layout()
+    seed_text = "/".join(map(str, seeds)) if seeds else "0"
+    fig.text(0.5, 0.01, f"{seed_text} seed(s) per point; error bars: std over seeds (drawn only with >= 2 seeds); "
+             f"bands: 95% paired bootstrap over test models; improvements below {FLOOR:.0f}% sit on the bottom edge "
+             "(\u25bc) with their value.", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def _improvement_line(ax, ns, values, style, marker, colour, label) -> None:
+    """A series of the improvement panel; points below FLOOR are drawn at FLOOR as down triangles labelled with
+    their value, so that an off-scale baseline is visible instead of cut off."""
+    ax.plot(ns, [max(v, FLOOR) for v in values], style, marker=marker, color=colour, label=label, alpha=0.9)
+    for n, v in zip(ns, values):
+        if v < FLOOR:
+            ax.plot([n], [FLOOR], "v", color=colour, ms=8)
+            ax.annotate(f"{v:.0f}%", (n, FLOOR), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=colour)
+    if min(values) < FLOOR:
+        ax.set_ylim(bottom=FLOOR - 3)

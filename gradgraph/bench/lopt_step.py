@@ -24,6 +24,7 @@ from ..io import atomic_write_text
 from ..models.reference import MLP
 from ..optim import VARIANTS, LearnedOptimizer
 from ..optim.variants import DSGradMetaNet
+from ..threads import set_threads
 from .measure import machine_description, time_steps
 
 OPTIMIZERS = ("adam", "sgdm", "ds", "ds+gradmetanet")
@@ -37,7 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--inner", type=int, default=5, help="steps per timed sample (default 5)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (small model, 1 repeat)")
     p.add_argument("--output", default="benchmarks/results/lopt_step.md")
 
@@ -108,7 +110,7 @@ def _capture_overhead(model, x, y, n: int) -> tuple[float, float]:
 
 
 def run(args) -> int:
-    torch.set_num_threads(args.threads)
+    args.threads = set_threads(args.threads)
     sizes = {"tiny": (16, (16,), 4)} if args.tiny else {k: SIZES[k] for k in args.sizes}
     reps, inner = (1, 1) if args.tiny else (args.repeats, args.inner)
     gflops = matmul_gflops()

@@ -115,7 +115,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default="subprocess")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke grid")
     p.add_argument("--output", default="benchmarks/results/metanet.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -65,7 +65,8 @@ class TrainConfig:
     out_dir: str = option("runs", "parent folder of the run folder", identity=False)
     device: str = option("cpu", "cpu, cuda or cuda:k (under torchrun, cuda means one GPU per process)",
                          identity=False)
-    threads: int | None = option(None, "torch intra-op threads (default: torch's own setting)",
+    threads: int | None = option(None, "torch intra-op threads (default on the command line: $OMP_NUM_THREADS "
+                                 "if set, else 1, see gradgraph.threads; from Python: leave torch's setting)",
                                  identity=False, low=1)
     overwrite: bool = option(False, "replace the run folder's files when they belong to a run with other settings "
                              "(default: refuse, naming the differing settings)", identity=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import torch
@@ -23,7 +24,7 @@ from .checkpoint import RunDir
 from .config import TrainConfig
 from .distributed import all_sum, barrier, is_main, world, wrap
 
-__all__ = ["Task", "train", "epoch_order", "progress_bar"]
+__all__ = ["Task", "train", "epoch_order", "progress_bar", "on_epoch"]
 
 
 class Task:
@@ -86,6 +87,26 @@ def progress_bar(iterable=None, enabled: bool = True, **kwargs):
     return tqdm(iterable, disable=not enabled or not is_main(), **kwargs)
 
 
+_EPOCH_HOOKS: list = []
+
+
+@contextmanager
+def on_epoch(hook):
+    """Call ``hook(cfg, epoch, done)`` after every epoch of every :func:`train` inside the block (``done``: the
+    run ended, by its epoch budget, early stopping or a step limit; a run read back finished calls it once with
+    its ``epochs_run``). A grid of runs uses it for one progress bar over the whole grid."""
+    _EPOCH_HOOKS.append(hook)
+    try:
+        yield hook
+    finally:
+        _EPOCH_HOOKS.remove(hook)
+
+
+def _notify(cfg, epoch: int, done: bool) -> None:
+    for hook in _EPOCH_HOOKS:
+        hook(cfg, epoch, done)
+
+
 def _fresh_state() -> dict:
     return {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1, "best_state": None, "history": [],
             "train_time": 0.0}
@@ -103,6 +124,7 @@ def train(task: Task, progress: bool = True, stop_after_epochs: int | None = Non
     run.claim(cfg.overwrite)
     done = run.finished()
     if done is not None:
+        _notify(cfg, done.get("epochs_run", cfg.epochs), True)
         return done
     task.setup()
     rank, size = world()
@@ -151,9 +173,10 @@ def train(task: Task, progress: bool = True, stop_after_epochs: int | None = Non
         run.save_checkpoint(model.state_dict(), opt.state_dict(), state)
         bar.set_postfix(train=f"{total / max(count, 1):.4f}", val=f"{val:.4f}", best=f"{state['best_val']:.4f}")
         epochs_this_call += 1
-        if cfg.patience is not None and state["epoch"] - state["best_epoch"] >= cfg.patience:
-            break
-        if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+        stop = ((cfg.patience is not None and state["epoch"] - state["best_epoch"] >= cfg.patience)
+                or (cfg.max_steps is not None and state["step"] >= cfg.max_steps))
+        _notify(cfg, state["epoch"], stop or state["epoch"] >= cfg.epochs)
+        if stop:
             break
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and state["epoch"] < cfg.epochs:
             bar.close()
