@@ -22,7 +22,8 @@ def test_same_seed_same_dataset_whatever_the_chunking(tmp_path):
     assert not torch.equal(a.y, c.y)
 
 
-def test_generation_resumes_after_a_crash(tmp_path, monkeypatch):
+def _crash_in_second_chunk(root, monkeypatch, **settings):
+    """Generate until the second chunk, then crash (the first chunk is on disk); restore the generator."""
     calls = {"n": 0}
     original = SirenFisher._generate
 
@@ -34,11 +35,15 @@ def test_generation_resumes_after_a_crash(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SirenFisher, "_generate", crashing)
     with pytest.raises(KeyboardInterrupt):
-        SirenFisher(tmp_path / "r", **SMALL)
+        SirenFisher(root, **{**SMALL, **settings})
+    monkeypatch.setattr(SirenFisher, "_generate", original)
+
+
+def test_generation_resumes_after_a_crash(tmp_path, monkeypatch):
+    _crash_in_second_chunk(tmp_path / "r", monkeypatch)
     raw = sorted((tmp_path / "r" / "raw").rglob("chunk_*.pt"))
     assert len(raw) == 1 and not list((tmp_path / "r").rglob("*.tmp"))  # one finished chunk, no half files
     assert not (tmp_path / "r" / "processed").exists() or not list((tmp_path / "r" / "processed").glob("siren*"))
-    monkeypatch.setattr(SirenFisher, "_generate", original)
     resumed = SirenFisher(tmp_path / "r", **SMALL)
     fresh = SirenFisher(tmp_path / "f", **SMALL)
     for x, y in zip(_tensors(resumed), _tensors(fresh)):
@@ -105,28 +110,11 @@ def test_files_are_plain_versioned_data_and_old_files_get_a_clear_error(tmp_path
 
 
 def test_resuming_with_another_chunk_size_and_a_damaged_chunk(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    original = SirenFisher._generate
-
-    def crashing(self, indices, bar):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, indices, bar)
-
-    monkeypatch.setattr(SirenFisher, "_generate", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        SirenFisher(tmp_path / "r", **SMALL)  # chunk_size 5: one chunk of 5 written
-    monkeypatch.setattr(SirenFisher, "_generate", original)
+    _crash_in_second_chunk(tmp_path / "r", monkeypatch)  # chunk_size 5: one chunk of 5 written
     other = SirenFisher(tmp_path / "r", **{**SMALL, "chunk_size": 7})  # resumed with another chunk size
     fresh = SirenFisher(tmp_path / "f", **SMALL)
     assert other.y.shape == fresh.y.shape and torch.equal(other.y, fresh.y)
-
-    monkeypatch.setattr(SirenFisher, "_generate", crashing)
-    calls["n"] = 0
-    with pytest.raises(KeyboardInterrupt):
-        SirenFisher(tmp_path / "d", **SMALL)
-    monkeypatch.setattr(SirenFisher, "_generate", original)
+    _crash_in_second_chunk(tmp_path / "d", monkeypatch)
     chunk = next((tmp_path / "d" / "raw").rglob("chunk_*.pt"))
     chunk.write_bytes(chunk.read_bytes()[:100])  # damaged outside gradgraph (a disk fault)
     healed = SirenFisher(tmp_path / "d", **SMALL)
