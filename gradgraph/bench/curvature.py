@@ -19,6 +19,7 @@ from pathlib import Path
 from ..io import atomic_write_text
 from ..tasks.curvature import MODELS, CurvatureConfig, CurvatureTask, load_dataset, train_curvature
 from ..tasks.curvature_baselines import fit_all, noise_floor
+from ..train.checkpoint import RunDir
 from ..train.loop import on_epoch, progress_bar
 from .curvature_report import plot, report
 from .measure import machine_description
@@ -108,11 +109,8 @@ def collect(configs) -> dict:
     this grid's and are skipped)."""
     results: dict = {}
     for cfg in configs:
-        path = cfg.run_dir / "metrics.json"
-        if not path.exists():
-            continue
-        m = json.loads(path.read_text())
-        if m.get("config", {}).get("identity") == cfg.identity():
+        m = RunDir(cfg.run_dir, cfg.identity()).finished()
+        if m is not None:
             results.setdefault((cfg.model, cfg.train_size), []).append(m)
     return results
 

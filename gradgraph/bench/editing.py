@@ -107,16 +107,12 @@ def run(args) -> int:
 
 
 def collect(configs) -> dict:
-    """{model: [metrics of each finished seed, with its config]}."""
+    """{model: [metrics of each finished seed, with its config]} (runs with other settings are skipped)."""
     results: dict = {}
     for cfg in configs:
-        path = cfg.run_dir / "metrics.json"
-        if not path.exists():
-            continue
-        m = json.loads(path.read_text())
-        if m.get("config", {}).get("identity") != cfg.identity():
-            continue  # a run of the same name with other settings: not this grid's
-        results.setdefault(cfg.model, []).append((cfg, m))
+        m = RunDir(cfg.run_dir, cfg.identity()).finished()
+        if m is not None:
+            results.setdefault(cfg.model, []).append((cfg, m))
     return results
 
 

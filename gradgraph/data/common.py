@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import load_file
+
 
 def default_root(name: str) -> str:
     """``$GRADGRAPH_DATASETS/<name>``, or ``datasets/<name>`` under the working directory."""
@@ -27,6 +29,15 @@ def seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def load_processed(path: str, config: dict) -> dict:
+    """A generated dataset's processed file (versioned, content-checked), refused when it holds other settings."""
+    stored = load_file(path, "dataset", remedy="delete the file to regenerate the dataset")
+    if stored["config"] != config:
+        raise RuntimeError(f"{path} holds a dataset with settings {stored['config']}, not {config}; delete the file "
+                           "to regenerate it")
+    return stored
 
 
 def item_seed(base: int, index: int) -> int:

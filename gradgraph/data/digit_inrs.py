@@ -40,7 +40,7 @@ from ..graph.spec import GraphSpec
 from ..io import atomic_write_text, load_file, save_file
 from ..losses import per_sample_mse
 from ..models import SIREN
-from .common import UniformBatcher, config_tag, default_root, item_seed, seeded
+from .common import UniformBatcher, config_tag, default_root, item_seed, load_processed, seeded
 
 SIDE = 28
 SPLIT_FRACTIONS = {"test": 0.2, "val": 0.1}
@@ -150,10 +150,7 @@ class DigitINRs(InMemoryDataset):
         self.chunk_size, self.progress = chunk_size, progress
         self.tag = config_tag(self.config)
         super().__init__(root or default_root("digit_inrs"), transform, log=False)
-        stored = load_file(self.processed_paths[0], "dataset", remedy="delete the file to regenerate the dataset")
-        if stored["config"] != self.config:
-            raise RuntimeError(f"{self.processed_paths[0]} holds a dataset with settings {stored['config']}, "
-                               f"not {self.config}; delete the file to regenerate it")
+        stored = load_processed(self.processed_paths[0], self.config)
         self.spec = GraphSpec.from_dict(stored["spec"])
         for key in ("entry_x", "theta", "fit_mse", "image_id", "points", "fit_time_s"):
             setattr(self, key, stored[key])

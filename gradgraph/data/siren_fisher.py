@@ -35,7 +35,7 @@ from ..graph.gradient_graph import GradientGraph
 from ..graph.spec import GraphSpec
 from ..io import atomic_write_text, load_file, save_file
 from ..models import SIREN
-from .common import UniformBatcher, config_tag, default_root, item_seed, seeded
+from .common import UniformBatcher, config_tag, default_root, item_seed, load_processed, seeded
 
 SPLITS = {"test": 500, "val": 500}
 
@@ -86,10 +86,7 @@ class SirenFisher(InMemoryDataset):
         self.chunk_size, self.progress = chunk_size, progress
         self.tag = config_tag(self.config)
         super().__init__(root or default_root("siren_fisher"), transform, log=False)
-        stored = load_file(self.processed_paths[0], "dataset", remedy="delete the file to regenerate the dataset")
-        if stored["config"] != self.config:
-            raise RuntimeError(f"{self.processed_paths[0]} holds a dataset with settings {stored['config']}, "
-                               f"not {self.config}; delete the file to regenerate it")
+        stored = load_processed(self.processed_paths[0], self.config)
         self.spec = GraphSpec.from_dict(stored["spec"])
         self.entry_x, self.y, self.std_est, self.p = stored["entry_x"], stored["y"], stored["std_est"], stored["p"]
         self._structure = None
