@@ -254,6 +254,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     m.add_argument("--horizon", type=int, help="inner horizon T (default: the task's)")
     m.add_argument("--sigma", type=float, default=0.01, help="PES perturbation scale")
     m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the meta-parameters")
+    m.add_argument("--scalar-lr", type=float, default=1e-2,
+                   help="learning rate of the scalar step sizes alpha, mu, beta (log-scale numbers)")
     m.add_argument("--seed", type=int, default=0, help="seed of the meta-parameters and of PES")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")
     m.add_argument("--save-every", type=int, default=10, help="meta-steps between checkpoints")

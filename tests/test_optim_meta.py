@@ -164,3 +164,26 @@ def test_meta_train_cli_writes_and_resumes(tmp_path, capsys):
     assert load_file(tmp_path / "checkpoint.pt", "pes-checkpoint")["pes"]["meta_step"] == 2
     assert load_file(tmp_path / "rule.pt", "lopt-rule")["variant"] == "ds"
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_scalar_lr_is_adam_at_that_rate_on_the_masked_coordinates():
+    class Masked(Toy):
+        def scalar_mask(self):
+            return torch.tensor([True, False, False])
+
+    theta = torch.tensor([0.8, 1.1, -0.6], dtype=torch.float64)
+    fast = PES(Masked(5), theta, PESConfig(pairs=8, truncation=3, sigma=0.05, lr=0.01, scalar_lr=0.1, seed=6))
+    slow = PES(Masked(5), theta, PESConfig(pairs=8, truncation=3, sigma=0.05, lr=0.01, seed=6))
+    ref = PES(Masked(5), theta, PESConfig(pairs=8, truncation=3, sigma=0.05, lr=0.1, seed=6))
+    for pes in (fast, slow, ref):  # the first estimate is the same for all three (same theta and seed)
+        pes.step()
+    torch.testing.assert_close(fast.theta[0], ref.theta[0])  # coordinate 0 moves at scalar_lr
+    torch.testing.assert_close(fast.theta[1:], slow.theta[1:])  # the others at lr
+    assert float((fast.theta[0] - slow.theta[0]).detach().abs()) > 0
+
+
+def test_lopt_problem_marks_the_scalar_step_sizes():
+    rule = VARIANTS.build("ds")
+    mask = LOptProblem(DigitsMLP(), rule).scalar_mask()
+    assert mask.shape == LOptProblem(DigitsMLP(), rule).theta0().shape
+    assert int(mask.sum()) == 3 and bool(mask[:3].all())  # log alpha, logit mu, log beta come first

@@ -25,6 +25,9 @@ BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
 BENCHMARKS.register("editing", "gradgraph.bench:editing",
                     help="INR editing: every model over seeds on the digit INRs, against no edit, the oracle and k "
                          "Adam steps.")
+BENCHMARKS.register("lopt", "gradgraph.bench:lopt",
+                    help="Learned optimizers against tuned Adam: steps and wall-clock time to Adam's best test "
+                         "loss, over seeds.")
 BENCHMARKS.register("lopt-step", "gradgraph.bench:lopt_step",
                     help="Learned-optimizer step cost: Adam, sgdm, ds and ds+gradmetanet per step, each beside its "
                          "FLOP floor.")

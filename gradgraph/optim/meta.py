@@ -49,6 +49,7 @@ class PESConfig:
     lr: float = 1e-3
     clip_norm: float = 1.0
     seed: int = 0
+    scalar_lr: float | None = None  # learning rate of the problem's scalar step-size parameters (default: lr)
 
 
 class PES:
@@ -61,6 +62,13 @@ class PES:
         N, T = self.cfg.pairs, problem.horizon
         self.theta = torch.nn.Parameter(theta.detach().clone().double())
         self.adam = torch.optim.Adam([self.theta], lr=self.cfg.lr)
+        # Adam's per-coordinate update is proportional to its learning rate, so a coordinate's own rate is the
+        # update rescaled: the step sizes (log alpha, logit mu, log beta) are log-scale numbers that need far
+        # larger moves than the MLP's weights (at lr 1e-3, alpha takes 2,300 meta-steps to grow 10x)
+        self.lr_scale = None
+        if self.cfg.scalar_lr is not None:
+            mask = problem.scalar_mask() if hasattr(problem, "scalar_mask") else torch.zeros(theta.numel(), dtype=bool)
+            self.lr_scale = torch.where(mask, self.cfg.scalar_lr / self.cfg.lr, 1.0).double()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.t = torch.randint(0, T, (N,), generator=self.gen)  # staggered starts
         self.runs = torch.arange(N)
@@ -106,7 +114,11 @@ class PES:
             grad = grad * (self.cfg.clip_norm / norm)
         self.adam.zero_grad()
         self.theta.grad = grad
+        before = self.theta.detach().clone()
         self.adam.step()
+        if self.lr_scale is not None:
+            with torch.no_grad():
+                self.theta.copy_(before + (self.theta - before) * self.lr_scale)
         self.meta_step += 1
         self.history.append(loss)
         return loss
@@ -147,6 +159,10 @@ class LOptProblem:
 
     def theta0(self) -> Tensor:
         return parameters_to_vector(self.rule.parameters()).detach()
+
+    def scalar_mask(self) -> Tensor:
+        """[D] True on the rule's scalar step sizes (log alpha, logit mu, log beta), in theta0's order."""
+        return torch.cat([torch.full((p.numel(),), p.dim() == 0) for p in self.rule.parameters()])
 
     def _fresh(self, run: int, start: int = 0) -> dict:
         model = self.task.model(seed=run)

@@ -8,6 +8,7 @@ checkpoint will be), ``curve.png`` (the meta-loss per meta-step) and the accumul
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .meta import PES, LOptProblem, PESConfig
 from .tasks import OPT_TASKS
 from .variants import VARIANTS
 
-__all__ = ["run", "save_curve"]
+__all__ = ["run", "save_curve", "command"]
 
 
 def save_curve(history: list[float], path: Path, title: str) -> None:
@@ -40,6 +41,14 @@ def save_curve(history: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def command(args, steps: int) -> str:
+    """The ``gradgraph meta-train`` command that reproduces a run to ``steps`` meta-steps (stored in rule.pt)."""
+    horizon = f" --horizon {args.horizon}" if args.horizon else ""
+    return (f"gradgraph meta-train --task {args.task} --variant {args.variant} --steps {steps} --pairs {args.pairs} "
+            f"--truncation {args.truncation}{horizon} --sigma {args.sigma} --lr {args.lr} --scalar-lr {args.scalar_lr} "
+            f"--seed {args.seed}")
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -48,7 +57,8 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     rule = VARIANTS.build(args.variant)
     problem = LOptProblem(task, rule, horizon=args.horizon)
-    cfg = PESConfig(pairs=args.pairs, truncation=args.truncation, sigma=args.sigma, lr=args.lr, seed=args.seed)
+    cfg = PESConfig(pairs=args.pairs, truncation=args.truncation, sigma=args.sigma, lr=args.lr, seed=args.seed,
+                    scalar_lr=args.scalar_lr)
     pes = PES(problem, problem.theta0(), cfg)
     ckpt, spent = out / "checkpoint.pt", 0.0
     if ckpt.exists():
@@ -65,7 +75,8 @@ def run(args) -> int:
         save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": pes.state_dict(),
                    "process_seconds": spent}, ckpt, "pes-checkpoint")
         save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
-                   "meta_steps": pes.meta_step}, out / "rule.pt", "lopt-rule")
+                   "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
+                   "process_seconds": spent, "command": command(args, pes.meta_step)}, out / "rule.pt", "lopt-rule")
         save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)")
 
     bar = progress_bar(range(pes.meta_step, args.steps), enabled=not args.quiet, initial=pes.meta_step,

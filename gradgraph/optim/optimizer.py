@@ -41,6 +41,7 @@ from ..errors import GradGraphError
 from ..graph.build import build_graph
 from .fast import FlatPlan, ds_term
 from .features import DECAYS, segments, unf_features
+from .pretrained import load_rule
 from .variants import DS, NODE_DECAYS, VARIANTS, DSGradMetaNet, LearnedRule, param_neurons
 
 __all__ = ["LearnedOptimizer", "RecordError"]
@@ -92,6 +93,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._layout_key = None
         self._pending: CaptureSession | None = None
         self._structure: tuple | None = None  # (spec, param_neurons, theta_of_flat) of the last graph
+
+    @classmethod
+    def from_pretrained(cls, name: str, model_or_params, **kwargs) -> "LearnedOptimizer":
+        """The optimizer of a shipped checkpoint (``gradgraph.optim.available()`` lists the names; a path to a
+        ``rule.pt`` written by ``gradgraph meta-train`` works too) on ``model_or_params``; ``kwargs`` as for the
+        constructor (``lr``, ``loss_reduction``). The meta-parameters are this optimizer's own copy."""
+        rule = load_rule(name)
+        return cls(model_or_params, variant=rule.variant, meta=rule, **kwargs)
 
     # -- recording -------------------------------------------------------------------------------------
     @contextlib.contextmanager
