@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from ..train.distributed import all_sum, all_sum_tensor, world
 from .optimizer import LearnedOptimizer
 from .tasks import OptTask
 from .variants import LearnedRule
@@ -54,8 +55,13 @@ class PESConfig:
 
 class PES:
     """PES on flat meta-parameters ``theta`` [D] for ``problem`` (see :class:`LOptProblem` for the protocol:
-    ``horizon``, ``max_loss``, ``init(runs, starts)``, ``reset(particles, runs)``, ``step(thetas [2N, D], t [N])
-    -> losses [2N]``, ``state_dict()``/``load_state_dict()``)."""
+    ``horizon``, ``max_loss``, ``init(runs, starts)``, ``reset(particles, runs)``, ``step(thetas [2n, D], t [n])
+    -> losses [2n]``, ``state_dict()``/``load_state_dict()``; n the pairs this process runs).
+
+    Under torch.distributed (``torchrun``) the pairs are sharded over the ranks (pair i on rank i mod world):
+    every rank draws the same perturbations from the same generator, runs only its own pairs' particles, and
+    the sums that make the estimate are all-reduced, so every rank takes the same meta-step, equal to one
+    process's up to the order of float additions (tested with 2 gloo ranks)."""
 
     def __init__(self, problem, theta: Tensor, cfg: PESConfig | None = None) -> None:
         self.problem, self.cfg = problem, cfg or PESConfig()
@@ -76,33 +82,38 @@ class PES:
         self.fresh = torch.ones(N, dtype=torch.bool)  # the next step is a run's first (its loss is masked)
         self.meta_step = 0
         self.history: list[float] = []
-        problem.init(self.runs.clone(), self.t.clone())
+        self.rank, self.world = world()
+        self.own = torch.arange(N)[self.rank::self.world]  # the pairs this process runs
+        problem.init(self.runs[self.own].clone(), self.t[self.own].clone())
 
     def estimate(self) -> tuple[Tensor, float]:
         """One truncation of every particle: the PES meta-gradient [D] and the mean (unmasked) loss."""
         N, D, T, max_loss = self.cfg.pairs, self.theta.numel(), self.problem.horizon, self.problem.max_loss
         eps = torch.randn(N, D, generator=self.gen, dtype=torch.float64) * self.cfg.sigma
         A = self.accum + eps
-        theta = self.theta.detach()
-        thetas = torch.cat([theta + eps, theta - eps])
-        g, count, loss_sum = torch.zeros(D, dtype=torch.float64), 0, 0.0
+        theta, own, n = self.theta.detach(), self.own, self.own.numel()
+        thetas = torch.cat([theta + eps[own], theta - eps[own]])
+        g, count, loss_sum = torch.zeros(D, dtype=torch.float64), 0.0, 0.0
         for _ in range(self.cfg.truncation):
             done = self.t >= T
             if bool(done.any()):
                 self.runs[done] += N
                 self.t[done] = 0
                 A[done] = eps[done]  # the new run has seen only this truncation's perturbation
-                self.problem.reset(torch.cat([done, done]), self.runs.clone())
-            losses = self.problem.step(thetas, self.t.clone()).double()
+                if bool(done[own].any()):
+                    self.problem.reset(torch.cat([done[own], done[own]]), self.runs[own].clone())
+            losses = self.problem.step(thetas, self.t[own].clone()).double()
             losses = torch.nan_to_num(losses, nan=max_loss, posinf=max_loss).clamp(0, max_loss)
-            valid = (~(done | self.fresh)).double()  # a fresh model's loss does not depend on theta
+            valid = (~(done | self.fresh)).double()[own]  # a fresh model's loss does not depend on theta
             self.fresh[:] = False
-            g += ((losses[:N] - losses[N:]) * valid) @ A
-            count += int(valid.sum())
-            loss_sum += float(((losses[:N] + losses[N:]) / 2 * valid).sum())
+            g += ((losses[:n] - losses[n:]) * valid) @ A[own]
+            count += float(valid.sum())
+            loss_sum += float(((losses[:n] + losses[n:]) / 2 * valid).sum())
             self.t += 1
         self.accum = A
-        count = max(count, 1)
+        g = all_sum_tensor(g)
+        count, loss_sum = all_sum([count, loss_sum])
+        count = max(count, 1.0)
         return g / (2 * self.cfg.sigma ** 2 * count), loss_sum / count
 
     def step(self) -> float:
@@ -127,8 +138,16 @@ class PES:
         return {"config": asdict(self.cfg), "theta": self.theta.detach().clone(), "adam": self.adam.state_dict(),
                 "gen": self.gen.get_state(), "t": self.t.clone(), "runs": self.runs.clone(),
                 "accum": self.accum.clone(), "fresh": self.fresh.clone(), "meta_step": self.meta_step,
-                "history": list(self.history),
-                "problem": self.problem.state_dict()}
+                "history": list(self.history), "world": self.world, "problem": self._problem_states()}
+
+    def _problem_states(self):
+        """The problem's state; under torch.distributed every rank's, gathered (a collective: call on all ranks)."""
+        local = self.problem.state_dict()
+        if self.world == 1:
+            return local
+        shards = [None] * self.world
+        torch.distributed.all_gather_object(shards, local)
+        return shards
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["config"] != asdict(self.cfg):
@@ -141,7 +160,10 @@ class PES:
         self.t, self.runs, self.accum = sd["t"].clone(), sd["runs"].clone(), sd["accum"].clone()
         self.fresh = sd["fresh"].clone()
         self.meta_step, self.history = int(sd["meta_step"]), list(sd["history"])
-        self.problem.load_state_dict(sd["problem"])
+        if int(sd.get("world", 1)) != self.world:
+            raise ValueError(f"this checkpoint was written by {sd.get('world', 1)} process(es), not {self.world}: "
+                             "resume with the same number of torchrun processes")
+        self.problem.load_state_dict(sd["problem"] if self.world == 1 else sd["problem"][self.rank])
 
 
 class LOptProblem:

@@ -15,6 +15,7 @@ import torch
 from torch.nn.utils import vector_to_parameters
 
 from ..io import load_file, save_file
+from ..train.distributed import all_sum, is_main, process_group
 from ..train.loop import progress_bar
 from .meta import PES, LOptProblem, PESConfig
 from .tasks import OPT_TASKS
@@ -50,8 +51,15 @@ def command(args, steps: int) -> str:
 
 
 def run(args) -> int:
+    """Meta-train as ``args`` say; under ``torchrun`` every process runs its share of the pairs (gloo on CPU) and
+    rank 0 writes the run folder."""
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    with process_group("cpu"):
+        return _run(args)
+
+
+def _run(args) -> int:
+    out, main = Path(args.out), is_main()
     out.mkdir(parents=True, exist_ok=True)
     task = OPT_TASKS.build(args.task)
     torch.manual_seed(args.seed)
@@ -68,27 +76,32 @@ def run(args) -> int:
                              "use another --out folder")
         pes.load_state_dict(saved["pes"])
         spent = float(saved["process_seconds"])
-        print(f"resumed {ckpt} at meta-step {pes.meta_step} ({spent / 3600:.2f} core-hours so far)")
+        if main:
+            print(f"resumed {ckpt} at meta-step {pes.meta_step} ({spent / 3600:.2f} core-hours so far)")
 
     def save() -> None:
+        state = pes.state_dict()  # a collective under torchrun: every rank calls it
+        if not main:
+            return
         vector_to_parameters(pes.theta.detach().float(), rule.parameters())
-        save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": pes.state_dict(),
+        save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": state,
                    "process_seconds": spent}, ckpt, "pes-checkpoint")
         save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
                    "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
                    "process_seconds": spent, "command": command(args, pes.meta_step)}, out / "rule.pt", "lopt-rule")
         save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)")
 
-    bar = progress_bar(range(pes.meta_step, args.steps), enabled=not args.quiet, initial=pes.meta_step,
+    bar = progress_bar(range(pes.meta_step, args.steps), enabled=main and not args.quiet, initial=pes.meta_step,
                        total=args.steps, desc="meta-train")
     for i in bar:
         t0 = time.process_time()
         loss = pes.step()
-        spent += time.process_time() - t0
+        spent += all_sum([time.process_time() - t0])[0]  # CPU time of every process
         bar.set_postfix(meta_loss=f"{loss:.4f}")
         if (i + 1) % args.save_every == 0:
             save()
     save()
-    print(f"{pes.meta_step} meta-steps, last meta-loss {pes.history[-1] if pes.history else float('nan'):.4f}, "
-          f"{spent / 3600:.3f} core-hours in all; run folder {out}")
+    if main:
+        print(f"{pes.meta_step} meta-steps, last meta-loss {pes.history[-1] if pes.history else float('nan'):.4f}, "
+              f"{spent / 3600:.3f} core-hours in all; run folder {out}")
     return 0
