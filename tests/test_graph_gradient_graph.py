@@ -7,6 +7,7 @@ from torch_geometric.loader import DataLoader
 import gradgraph
 from gradgraph.graph import require_set_size
 from gradgraph.graph.gradient_graph import GradientGraph
+from gradgraph.nn import GradMetaNet
 
 FAMILIES = ["mlp", "cnn", "conv1d", "gpt", "transformer_encoder", "residual"]
 
@@ -214,3 +215,19 @@ def test_to_dict_round_trips(family, tmp_path):
     assert back.spec == g.spec and torch.equal(back.entry_x, g.entry_x) and "edge_index" in back
     with pytest.raises(gradgraph.errors.FileFormatError):
         GradientGraph.load(path)  # a bare dict is not a gradgraph graph file
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt"])
+def test_torch_save_loads_with_the_safe_default(family, tmp_path):
+    g = _graph(family)[1]
+    g.materialize_edges()
+    torch.save(g, tmp_path / "g.pt")
+    h = torch.load(tmp_path / "g.pt")  # weights_only=True, torch's default: only allow-listed classes
+    assert isinstance(h, GradientGraph) and h.spec == g.spec
+    for key in ("entry_x", "entry_node", "edge_index", "wentry_theta"):
+        assert torch.equal(h[key], g[key])
+    net = GradMetaNet(hidden_channels=8, num_layers=1, out_level="param").eval()
+    assert torch.equal(net(h), net(g))
+    torch.save({"graph": g, "fn": print}, tmp_path / "unsafe.pt")  # the allow-list still refuses code
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "unsafe.pt")

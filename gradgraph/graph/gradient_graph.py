@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
+from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
+from torch_geometric.data.storage import GlobalStorage
 
 from ..errors import SetSizeMismatchError, StructureMismatchError
 from ..io import load_file, save_file
+from . import spec as _spec
 from . import stats
 from .kinds import kind_of
 from .spec import GraphSpec
@@ -359,3 +362,11 @@ def require_set_size(graph: GradientGraph, size: int | None = None) -> int:
 
 def shallow_copy(graph: GradientGraph) -> GradientGraph:
     return copy.copy(graph)
+
+
+# torch.load's default (weights_only=True) unpickles allow-listed classes only: a graph saved with plain
+# torch.save loads safely once its classes are listed. They hold data only (tensors, ints, strings, tuples)
+# and run no code when unpickled. (GradientGraph.save/load write a versioned, hashed file instead.)
+torch.serialization.add_safe_globals([
+    GradientGraph, DataEdgeAttr, DataTensorAttr, GlobalStorage, _spec.GraphSpec, _spec.SpaceSpec,
+    _spec.LayerSpec, _spec.BlockSpec, _spec.OpSpec, _spec.ParamUse, _spec.ParamSpec])
