@@ -35,6 +35,11 @@ class UnknownNameError(GradGraphError, ValueError):
     """A name (model, metanetwork, task, benchmark, engine) that no registry holds."""
 
 
+class NotAModelFactoryError(GradGraphError, TypeError):
+    """A ``package.module:attribute`` model target that is not a model class or a declared model factory, or a
+    factory that returned something other than a model."""
+
+
 class FileFormatError(GradGraphError, ValueError):
     """A stored file (dataset, checkpoint, graph) is of another kind or format version, or is corrupted."""
 

@@ -106,3 +106,24 @@ def test_a_registered_task_gets_its_command_for_free(tmp_path, capsys, monkeypat
 def test_out_of_range_options_name_the_option(capsys):
     assert main(["train", "curvature", "--train-size", "-3", "--quiet"]) == 2
     assert "error: --train-size = -3 is out of range: it must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, says", [
+    ("os:system", "a builtin_function_or_method, not a model class"),
+    ("cli_factory:unannotated", "return annotation does not say it builds a model"),
+    ("cli_factory:NOT_CALLABLE", "a int, not a model class"),
+    ("json:JSONDecoder", "the class JSONDecoder, not an nn.Module subclass"),
+    ("cli_factory:lies", "returned a str, not an nn.Module"),
+])
+def test_model_targets_must_declare_a_model(target, says, capsys):
+    assert main(["inspect", "--model", target]) == 2
+    err = capsys.readouterr().err
+    assert says in err and target in err
+
+
+def test_declared_factories_and_module_classes_are_accepted(capsys):
+    assert main(["inspect", "--model", "cli_factory:declared"]) == 0
+    from gradgraph.models import build_model
+    from gradgraph.models.reference import MLP
+
+    assert isinstance(build_model("gradgraph.models.reference:MLP"), MLP)

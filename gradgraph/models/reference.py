@@ -2,15 +2,17 @@
 gradgraph discovers their structure by tracing (no special cases for them in the library)."""
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UnknownNameError
+from ..errors import NotAModelFactoryError, UnknownNameError
 from ..losses import per_sample_cross_entropy, per_sample_mse
-from ..registry import Registry
+from ..registry import Registry, load_object
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
 
@@ -197,19 +199,66 @@ class GPT(_Reference):
     per_sample_loss = staticmethod(per_sample_cross_entropy)
 
 
-# The reference models by name; ``allow_paths``: a user's ``package.module:function`` (returning an nn.Module)
-# works wherever a name does (``gradgraph inspect --model``).
-REFERENCE_MODELS = Registry("reference model", allow_paths=True)
+# The reference models by name; a user's ``package.module:function`` goes through build_model's checks.
+REFERENCE_MODELS = Registry("reference model")
 for _name, _cls in (("mlp", MLP), ("siren", SIREN), ("cnn", CNN), ("gpt", GPT)):
     REFERENCE_MODELS.register(_name, _cls)
 del _name, _cls
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """A reference model by name (``mlp``, ``siren``, ``cnn``, ``gpt``) or ``package.module:function`` (a
-    function returning an nn.Module). Unknown names raise :class:`~gradgraph.errors.UnknownNameError` (a
-    ValueError)."""
-    if name not in REFERENCE_MODELS and ":" not in name:
+def model_factory(fn):
+    """Declare ``fn`` a model factory, so that ``gradgraph inspect --model package.module:fn`` may call it (as a
+    return annotation ``-> nn.Module`` or ``-> tuple[nn.Module, Tensor, ...]`` does)."""
+    fn.__gradgraph_model_factory__ = True
+    return fn
+
+
+def _declares_a_model(fn) -> bool:
+    if getattr(fn, "__gradgraph_model_factory__", False):
+        return True
+    try:
+        ret = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve here: read its text
+        ret = fn.__annotations__.get("return")
+    if isinstance(ret, type) and issubclass(ret, nn.Module):
+        return True
+    if typing.get_origin(ret) is tuple:
+        first = (typing.get_args(ret) or (None,))[0]
+        return isinstance(first, type) and issubclass(first, nn.Module)
+    return isinstance(ret, str) and "Module" in ret
+
+
+def _load_factory(path: str):
+    """The model class or declared factory at ``path``: a target names code that will run, so anything else
+    (``os:system``, a module constant, an undeclared function) is refused before it is called."""
+    obj = load_object(path)
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return obj
+    if inspect.isfunction(obj) and _declares_a_model(obj):
+        return obj
+    what = (f"the class {obj.__name__}, not an nn.Module subclass" if isinstance(obj, type)
+            else "a function whose return annotation does not say it builds a model" if inspect.isfunction(obj)
+            else f"a {type(obj).__name__}, not a model class or function")
+    raise NotAModelFactoryError(
+        f"'{path}' is {what}. A model target runs code, so it must be an nn.Module subclass, a function annotated "
+        "`-> nn.Module` (or `-> tuple[nn.Module, Tensor, ...]` for (model, inputs[, targets, loss_fn])), or a "
+        "function decorated with @gradgraph.models.model_factory")
+
+
+def build_model(name: str, **kwargs):
+    """A reference model by name (``mlp``, ``siren``, ``cnn``, ``gpt``) or ``package.module:attribute``: an
+    nn.Module subclass or a declared model factory (see :func:`model_factory`), returning a model or a tuple
+    ``(model, inputs[, targets, loss_fn])``. The target's code runs: pass only targets you trust. Unknown names
+    raise :class:`~gradgraph.errors.UnknownNameError`, other targets
+    :class:`~gradgraph.errors.NotAModelFactoryError`."""
+    if name in REFERENCE_MODELS:
+        return REFERENCE_MODELS.build(name, **kwargs)
+    if ":" not in name:
         raise UnknownNameError(f"unknown model '{name}': use one of {sorted(REFERENCE_MODELS)} or "
                                "'package.module:function'")
-    return REFERENCE_MODELS.build(name, **kwargs)
+    made = _load_factory(name)(**kwargs)
+    model = made[0] if isinstance(made, tuple) and made else made
+    if not isinstance(model, nn.Module):
+        raise NotAModelFactoryError(f"'{name}' returned a {type(model).__name__}, not an nn.Module (or a tuple "
+                                    "starting with one)")
+    return made
