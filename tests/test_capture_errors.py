@@ -3,6 +3,7 @@ sharing, unused parameters."""
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import gradgraph
@@ -237,3 +238,31 @@ def test_capture_modes_and_constant_arguments():
     assert graph.num_samples == 5
     ref = oracle.per_sample_grads(model, (torch.tensor(2.0, dtype=torch.float64), x))
     torch.testing.assert_close(graph.per_sample_grads()["lin.weight"], ref["lin.weight"])
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, use_checkpoint=True):
+        super().__init__()
+        self.a, self.b, self.use_checkpoint = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3), use_checkpoint
+
+    def forward(self, x):
+        def inner(z):
+            return torch.relu(self.a(z))
+        h = torch.utils.checkpoint.checkpoint(inner, x, use_reentrant=False) if self.use_checkpoint else inner(x)
+        return self.b(h)
+
+
+def test_activation_checkpointing_recomputation_is_named_not_called_weight_sharing():
+    torch.manual_seed(0)
+    m, x, y = _Checkpointed(), torch.randn(6, 4), torch.randint(3, (6,))
+    with pytest.raises(gradgraph.GradGraphError, match="module 'a' ran again during the backward pass: activation "
+                                                       "checkpointing"):
+        with gradgraph.GradientRecorder(m):
+            F.cross_entropy(m(x), y, reduction="sum").backward()
+    # capture() records the forward once and differentiates its outputs: checkpointing does not matter there
+    g = gradgraph.capture(m, x, y, lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    assert [op.name for op in g.spec.ops] == ["a", "b"]
+    m.use_checkpoint = False
+    ref = oracle.per_sample_grads(m, x, y, lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    for name, value in g.per_sample_grads().items():
+        torch.testing.assert_close(value, ref[name])

@@ -148,6 +148,12 @@ class CaptureSession:
         if self.tracer is None or self._calls == 0:
             raise GradGraphError(f"module '{path}' was called outside the forward of the model being recorded; "
                                  "gradgraph records the model's own forward pass only")
+        if torch._C._current_graph_task_id() != -1:  # a forward run by autograd inside the backward pass
+            raise GradGraphError(
+                f"module '{path}' ran again during the backward pass: activation checkpointing "
+                "(torch.utils.checkpoint) recomputes forwards in backward, and a gradient graph records exactly one "
+                "forward; record this step without checkpointing (Hugging Face: "
+                "model.gradient_checkpointing_disable())")
         prev, self._path = self._path, path
         try:
             return rule(self, module, *args, **kwargs)
