@@ -2,11 +2,12 @@
 import pytest
 import torch
 from cases import make
+from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
 import gradgraph
 from gradgraph.graph import require_set_size
-from gradgraph.graph.gradient_graph import GradientGraph
+from gradgraph.graph.gradient_graph import EDGE_KEYS, GradientGraph
 from gradgraph.nn import GradMetaNet
 
 FAMILIES = ["mlp", "cnn", "conv1d", "gpt", "transformer_encoder", "residual"]
@@ -231,3 +232,21 @@ def test_torch_save_loads_with_the_safe_default(family, tmp_path):
     torch.save({"graph": g, "fn": print}, tmp_path / "unsafe.pt")  # the allow-list still refuses code
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(tmp_path / "unsafe.pt")
+
+
+def test_a_materialized_graph_batches_with_fresh_ones_in_either_order():
+    (_, a), (_, b) = _graph("mlp"), _graph("cnn")
+
+    def fresh():
+        return [gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn) for c in (make("mlp", 0), make("cnn", 0))]
+
+    want = Batch.from_data_list([g.materialize_edges() for g in fresh()])
+    a.materialize_edges()
+    first = Batch.from_data_list([a, b])  # PyG reads b's edge tensors: they appear
+    assert "edge_index" in b._store
+    second = Batch.from_data_list([fresh()[1], a])  # the batch follows its first graph: edges implicit until asked
+    assert "edge_index" in first._store and "edge_index" not in second._store
+    second.materialize_edges()
+    second_want = Batch.from_data_list([g.materialize_edges() for g in fresh()[::-1]])
+    for key in EDGE_KEYS:
+        assert torch.equal(first[key], want[key]) and torch.equal(second[key], second_want[key])

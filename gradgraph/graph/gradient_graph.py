@@ -34,6 +34,21 @@ _DERIVED = ("num_nodes", "num_samples", "num_elements", "num_groups", "num_layer
 EDGE_KEYS = ("edge_index", "edge_op", "wentry_edge", "wentry_offset", "wentry_theta", "bentry_node", "bentry_theta")
 
 
+class _GraphStore(GlobalStorage):
+    """A graph's attribute store whose edge tensors appear on first access: they depend on the structure only,
+    so reading ``edge_index`` of an un-materialized graph materializes it (what PyG's collation does when a
+    materialized graph is batched with a fresh one) instead of raising KeyError."""
+
+    def __getitem__(self, key: str):
+        mapping = self.__dict__["_mapping"]
+        if key in EDGE_KEYS and key not in mapping and "spec" in mapping:
+            self._parent().materialize_edges()
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:  # what is stored (Mapping's default would materialize through getitem)
+        return key in self.__dict__["_mapping"]
+
+
 class GradientGraph(Data):
     r"""A batch's gradient as a graph: neurons are nodes, weights are edges, and every node carries, for
     each element of the set (sample, or sample x token/position), its activation ``a`` and pre-activation
@@ -69,6 +84,12 @@ class GradientGraph(Data):
     Graphs of different architectures batch with ``torch_geometric.loader.DataLoader``; the batch keeps
     ``spec`` as a list.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        store = _GraphStore(_parent=self)
+        store._mapping.update(self.__dict__["_store"]._mapping)
+        self.__dict__["_store"] = store
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -368,5 +389,5 @@ def shallow_copy(graph: GradientGraph) -> GradientGraph:
 # torch.save loads safely once its classes are listed. They hold data only (tensors, ints, strings, tuples)
 # and run no code when unpickled. (GradientGraph.save/load write a versioned, hashed file instead.)
 torch.serialization.add_safe_globals([
-    GradientGraph, DataEdgeAttr, DataTensorAttr, GlobalStorage, _spec.GraphSpec, _spec.SpaceSpec,
+    GradientGraph, _GraphStore, DataEdgeAttr, DataTensorAttr, GlobalStorage, _spec.GraphSpec, _spec.SpaceSpec,
     _spec.LayerSpec, _spec.BlockSpec, _spec.OpSpec, _spec.ParamUse, _spec.ParamSpec])
