@@ -122,3 +122,28 @@ def test_an_old_pickled_checkpoint_gets_a_clear_error(tmp_path):
     torch.save({"identity": _cfg(tmp_path).identity(), "state": object()}, run / "checkpoint.pt")  # not plain
     with pytest.raises(FileFormatError, match="checkpoint.pt.*delete it to start the run again"):
         train(ToyTask(_cfg(tmp_path)), progress=False)
+
+
+def test_a_changed_model_table_entry_does_not_reuse_old_runs(tmp_path, monkeypatch):
+    import json
+
+    from gradgraph.errors import RunDirConflictError
+    from gradgraph.tasks import configs
+    from gradgraph.train.checkpoint import RunDir
+
+    cfg = configs.EditingConfig(model="ws", out_dir=str(tmp_path))
+    before = cfg.identity()
+    assert before["architecture"] == {"metanetwork": "weight-editor",
+                                      "hyperparameters": {"hidden_channels": 33, "num_layers": 3}}
+    run = RunDir(cfg.run_dir, before)
+    run.path.mkdir(parents=True)
+    run.metrics_path.write_text(json.dumps({"config": {"identity": before}}))
+    assert RunDir(cfg.run_dir, cfg.identity()).finished() is not None  # the stored identity compares equal
+    name, hyper = configs.EDITING_MODELS["ws"]
+    monkeypatch.setitem(configs.EDITING_MODELS, "ws", (name, {**hyper, "hidden_channels": 40}))
+    after = RunDir(cfg.run_dir, cfg.identity())
+    assert after.finished() is None
+    with pytest.raises(RunDirConflictError, match="architecture"):
+        after.claim()
+    assert configs.CurvatureConfig(model="gmn-average").identity()["architecture"]["hyperparameters"]["mode"] == \
+        "average"

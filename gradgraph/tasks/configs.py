@@ -64,6 +64,10 @@ class CurvatureConfig(TrainConfig):
         "paper": dict(train_size=2000, num_models=3000, epochs=100),
     }
 
+    def architecture(self) -> dict:
+        name, hyper = CURVATURE_MODELS[self.model]
+        return {"metanetwork": name, "hyperparameters": hyper}
+
     def run_name(self) -> str:
         return f"{self.model}-n{self.train_size}-s{self.seed}"
 
@@ -102,6 +106,10 @@ class EditingConfig(TrainConfig):
     out_dir: str = option("runs/editing", "parent folder of the run folder", identity=False)
 
     task: ClassVar[str] = "gradgraph.tasks.editing:EditingTask"
+
+    def architecture(self) -> dict:
+        name, hyper = EDITING_MODELS[self.model]
+        return {"metanetwork": name, "hyperparameters": hyper}
 
     def run_name(self) -> str:
         size = "" if self.train_size is None else f"-n{self.train_size}"

@@ -269,8 +269,13 @@ def load(path) -> FisherEstimator:
     path = Path(path)
     best = path / "best.pt" if path.is_dir() else path
     payload = load_file(best, "weights", remedy="rerun the training to rewrite it")
-    identity, metrics = payload["identity"], payload["metrics"]
+    identity, metrics = dict(payload["identity"]), payload["metrics"]
+    arch = identity.pop("architecture", None)
     cfg = CurvatureConfig(**identity)
+    if arch is not None and arch != cfg.identity()["architecture"]:
+        raise StructureMismatchError(f"{best} was trained with '{cfg.model}' = {arch}; this gradgraph defines "
+                                     f"'{cfg.model}' as {cfg.identity()['architecture']}: use the gradgraph version "
+                                     "that trained it, or retrain")
     log_features = cfg.output == "positive" and CURVATURE_MODELS[cfg.model][0] == "gradmetanet"
     if CURVATURE_MODELS[cfg.model][0] not in ("gradmetanet", "gradmetanet++", "gmn") or cfg.model == "gmn-concat":
         raise StructureMismatchError(f"{best}: a '{cfg.model}' model flattens its training architecture into features "

@@ -7,6 +7,7 @@ is generated from those fields.
 """
 from __future__ import annotations
 
+import json
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -86,7 +87,16 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_name()
 
+    def architecture(self) -> dict | None:
+        """What the model name stands for (its class and hyperparameters), when a table outside the config
+        defines it: part of the identity, so that editing the table cannot silently reuse old runs."""
+        return None
+
     def identity(self) -> dict:
         """The settings a checkpoint or a finished run must match to be resumed or reused."""
         keep = {f.name for f in fields(self) if f.metadata.get("identity", True)}
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        ident = {k: v for k, v in asdict(self).items() if k in keep}
+        arch = self.architecture()
+        if arch is not None:  # as stored (JSON: tuples become lists), so that a stored identity compares equal
+            ident["architecture"] = json.loads(json.dumps(arch))
+        return ident
