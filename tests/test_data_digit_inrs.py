@@ -50,7 +50,7 @@ def test_same_seed_same_dataset_and_resume_after_a_crash(tmp_path, monkeypatch):
     assert not torch.equal(a.theta, c.theta)
 
     calls = {"n": 0}
-    original = DigitINRs._generate
+    original = DigitINRs.generate_chunk
 
     def crashing(self, indices, bar):
         calls["n"] += 1
@@ -58,12 +58,12 @@ def test_same_seed_same_dataset_and_resume_after_a_crash(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return original(self, indices, bar)
 
-    monkeypatch.setattr(DigitINRs, "_generate", crashing)
+    monkeypatch.setattr(DigitINRs, "generate_chunk", crashing)
     with pytest.raises(KeyboardInterrupt):
         DigitINRs(tmp_path / "r", **SMALL)
     assert len(list((tmp_path / "r" / "raw").rglob("chunk_*.pt"))) == 1
     assert not list((tmp_path / "r").rglob("*.tmp"))
-    monkeypatch.setattr(DigitINRs, "_generate", original)
+    monkeypatch.setattr(DigitINRs, "generate_chunk", original)
     resumed = DigitINRs(tmp_path / "r", **SMALL)
     assert calls["n"] == 2  # the finished chunk was not fitted again
     assert torch.equal(resumed.theta, a.theta) and torch.equal(resumed.entry_x, a.entry_x)

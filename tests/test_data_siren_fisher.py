@@ -25,7 +25,7 @@ def test_same_seed_same_dataset_whatever_the_chunking(tmp_path):
 def _crash_in_second_chunk(root, monkeypatch, **settings):
     """Generate until the second chunk, then crash (the first chunk is on disk); restore the generator."""
     calls = {"n": 0}
-    original = SirenFisher._generate
+    original = SirenFisher.generate_chunk
 
     def crashing(self, indices, bar):
         calls["n"] += 1
@@ -33,10 +33,10 @@ def _crash_in_second_chunk(root, monkeypatch, **settings):
             raise KeyboardInterrupt("simulated crash")
         return original(self, indices, bar)
 
-    monkeypatch.setattr(SirenFisher, "_generate", crashing)
+    monkeypatch.setattr(SirenFisher, "generate_chunk", crashing)
     with pytest.raises(KeyboardInterrupt):
         SirenFisher(root, **{**SMALL, **settings})
-    monkeypatch.setattr(SirenFisher, "_generate", original)
+    monkeypatch.setattr(SirenFisher, "generate_chunk", original)
 
 
 def test_generation_resumes_after_a_crash(tmp_path, monkeypatch):

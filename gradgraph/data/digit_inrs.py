@@ -23,24 +23,20 @@ same settings give the same files (``chunk_size`` is a setting: it is the vector
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
-from torch_geometric.data import InMemoryDataset
-from tqdm.auto import tqdm
 
 from ..api import capture
 from ..graph.gradient_graph import GradientGraph
 from ..graph.spec import GraphSpec
-from ..io import atomic_write_text, load_file, save_file
 from ..losses import per_sample_mse
 from ..models import SIREN
 from .common import UniformBatcher, config_tag, default_root, item_seed, load_processed, seeded
+from .store import GeneratedDataset
 
 SIDE = 28
 SPLIT_FRACTIONS = {"test": 0.2, "val": 0.1}
@@ -123,7 +119,7 @@ def psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
 
-class DigitINRs(InMemoryDataset):
+class DigitINRs(GeneratedDataset):
     """The INR-editing dataset (see the module docstring).
 
     Args:
@@ -149,7 +145,7 @@ class DigitINRs(InMemoryDataset):
                        "chunk_size": chunk_size}
         self.chunk_size, self.progress = chunk_size, progress
         self.tag = config_tag(self.config)
-        super().__init__(root or default_root("digit_inrs"), transform, log=False)
+        super().__init__(root or default_root("digit_inrs"), transform)
         stored = load_processed(self.processed_paths[0], self.config)
         self.spec = GraphSpec.from_dict(stored["spec"])
         for key in ("entry_x", "theta", "fit_mse", "image_id", "points", "fit_time_s"):
@@ -163,38 +159,23 @@ class DigitINRs(InMemoryDataset):
                                     grid_coords()[self.points])
         self._structure = self._batcher = None
 
-    # -- PyG dataset protocol -----------------------------------------------------------------------------
+    # -- generation (gradgraph.data.store) ------------------------------------------------------------------
+    name = "digit_inrs"
+
     @property
     def num_inrs(self) -> int:
         return self.config["num_images"] * self.config["inrs_per_image"]
+
+    num_items = num_inrs
 
     @property
     def raw_dir(self) -> str:
         return os.path.join(self.root, "raw", self.tag)
 
-    @property
-    def raw_file_names(self) -> list[str]:
-        if os.path.exists(os.path.join(self.processed_dir, self.processed_file_names[0])):
-            return []
-        return [f"chunk_{i:05d}.pt" for i in range(math.ceil(self.num_inrs / self.chunk_size))]
+    def bar_spec(self) -> tuple[dict, int]:
+        return {"desc": "fitting DigitINRs", "unit": "INR-step", "unit_scale": True}, max(self.config["steps"], 1)
 
-    @property
-    def processed_file_names(self) -> list[str]:
-        return [f"digit_inrs_{self.tag}.pt"]
-
-    def download(self) -> None:
-        """Fit the missing chunks (nothing is downloaded: the digits ship with scikit-learn)."""
-        n, steps = self.num_inrs, self.config["steps"]
-        missing = [i for i, path in enumerate(self.raw_paths) if not os.path.exists(path)]
-        bar = tqdm(total=n * max(steps, 1), desc="fitting DigitINRs", unit="INR-step", unit_scale=True,
-                   disable=not self.progress)
-        bar.update((n - sum(min(self.chunk_size, n - i * self.chunk_size) for i in missing)) * max(steps, 1))
-        for i in missing:
-            lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, n)
-            save_file(self._generate(range(lo, hi), bar), self.raw_paths[i], "dataset-chunk")
-        bar.close()
-
-    def _generate(self, indices, bar) -> dict:
+    def generate_chunk(self, indices, bar) -> dict:
         cfg = self.config
         t0 = time.perf_counter()
         images, _ = digit_images()
@@ -217,17 +198,12 @@ class DigitINRs(InMemoryDataset):
         return {"spec": spec.to_dict(), "entry_x": torch.stack(entry_x), "theta": torch.stack(theta),
                 "fit_mse": mse, "image_id": image_id, "points": points, "fit_time_s": fit_time}
 
-    def process(self) -> None:
-        raw_paths = self.raw_paths
-        chunks = [load_file(path, "dataset-chunk", remedy="delete it to regenerate the chunk") for path in raw_paths]
+    def merge(self, chunks: list[dict]) -> tuple[dict, str]:
         data = {"config": self.config, "spec": chunks[0]["spec"], "points": chunks[0]["points"],
                 "fit_time_s": sum(c["fit_time_s"] for c in chunks)}
         for key in ("entry_x", "theta", "fit_mse", "image_id"):
             data[key] = torch.cat([c[key] for c in chunks])
-        save_file(data, self.processed_paths[0], "dataset")
-        atomic_write_text(readme(self.config, data["fit_mse"], data["fit_time_s"]), Path(self.root) / "README.md")
-        for path in raw_paths:
-            os.remove(path)
+        return data, readme(self.config, data["fit_mse"], data["fit_time_s"])
 
     def len(self) -> int:
         return self.num_inrs

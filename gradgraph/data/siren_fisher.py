@@ -20,22 +20,16 @@ a progress bar, writes chunks of models atomically and resumes from the chunks a
 """
 from __future__ import annotations
 
-import math
 import os
-import sys
-from pathlib import Path
 
 import torch
-from torch_geometric.data import InMemoryDataset
-from tqdm.auto import tqdm
 
 from ..api import capture
-from ..errors import FileFormatError
 from ..graph.gradient_graph import GradientGraph
 from ..graph.spec import GraphSpec
-from ..io import atomic_write_text, load_file, save_file
 from ..models import SIREN
 from .common import UniformBatcher, config_tag, default_root, item_seed, load_processed, seeded
+from .store import GeneratedDataset
 
 SPLITS = {"test": 500, "val": 500}
 
@@ -63,7 +57,7 @@ def make_model(index: int, seed: int, hidden=(32, 32), w0: float = 30.0, num_poi
     return model, p, x, x_fisher
 
 
-class SirenFisher(InMemoryDataset):
+class SirenFisher(GeneratedDataset):
     """The curvature-estimation dataset (see the module docstring).
 
     Args:
@@ -85,53 +79,28 @@ class SirenFisher(InMemoryDataset):
                        "hidden": list(hidden), "w0": w0, "seed": seed}
         self.chunk_size, self.progress = chunk_size, progress
         self.tag = config_tag(self.config)
-        super().__init__(root or default_root("siren_fisher"), transform, log=False)
+        super().__init__(root or default_root("siren_fisher"), transform)
         stored = load_processed(self.processed_paths[0], self.config)
         self.spec = GraphSpec.from_dict(stored["spec"])
         self.entry_x, self.y, self.std_est, self.p = stored["entry_x"], stored["y"], stored["std_est"], stored["p"]
         self._structure = None
 
-    # -- PyG dataset protocol -----------------------------------------------------------------------------
+    # -- generation (gradgraph.data.store) ------------------------------------------------------------------
+    name = "siren_fisher"
+
     @property
     def raw_dir(self) -> str:
         # the chunk layout is part of the chunks' fingerprint: resuming with another chunk_size starts new chunks
         return os.path.join(self.root, "raw", f"{self.tag}-c{self.chunk_size}")
 
     @property
-    def raw_file_names(self) -> list[str]:
-        if os.path.exists(os.path.join(self.processed_dir, self.processed_file_names[0])):
-            return []  # processed: the chunks were only needed to get there (and are deleted)
-        return [f"chunk_{i:05d}.pt" for i in range(math.ceil(self.config["num_models"] / self.chunk_size))]
+    def num_items(self) -> int:
+        return self.config["num_models"]
 
-    @property
-    def processed_file_names(self) -> list[str]:
-        return [f"siren_fisher_{self.tag}.pt"]
+    def bar_spec(self) -> tuple[dict, int]:
+        return {"desc": "generating SirenFisher", "unit": "model"}, 1
 
-    def download(self) -> None:
-        """Generate the missing chunks (the dataset is generated, never downloaded)."""
-        n = self.config["num_models"]
-        missing = [i for i, path in enumerate(self.raw_paths) if not os.path.exists(path)]
-        bar = tqdm(total=n, desc="generating SirenFisher", unit="model", disable=not self.progress)
-        bar.update(n - sum(min(self.chunk_size, n - i * self.chunk_size) for i in missing))
-        for i in missing:
-            self._write_chunk(i, bar)
-        bar.close()
-
-    def _write_chunk(self, i: int, bar) -> None:
-        lo, hi = i * self.chunk_size, min((i + 1) * self.chunk_size, self.config["num_models"])
-        save_file(self._generate(range(lo, hi), bar), self.raw_paths[i], "dataset-chunk")
-
-    def _read_chunk(self, i: int) -> dict:
-        """A chunk; a damaged one (a crash outside gradgraph's atomic writes, a disk fault) is generated again."""
-        try:
-            return load_file(self.raw_paths[i], "dataset-chunk")
-        except FileFormatError as e:
-            print(f"SirenFisher: {e}; generating chunk {i} again", file=sys.stderr)
-            os.remove(self.raw_paths[i])
-            self._write_chunk(i, tqdm(disable=True))
-            return load_file(self.raw_paths[i], "dataset-chunk")
-
-    def _generate(self, indices, bar) -> dict:
+    def generate_chunk(self, indices, bar) -> dict:
         cfg = self.config
         entry_x, ys, stds, ps, spec = [], [], [], [], None
         for i in indices:
@@ -147,16 +116,11 @@ class SirenFisher(InMemoryDataset):
         return {"spec": spec.to_dict(), "entry_x": torch.stack(entry_x), "y": torch.stack(ys),
                 "std_est": torch.stack(stds), "p": torch.tensor(ps)}
 
-    def process(self) -> None:
-        raw_paths = self.raw_paths
-        chunks = [self._read_chunk(i) for i in range(len(raw_paths))]
+    def merge(self, chunks: list[dict]) -> tuple[dict, str]:
         data = {"config": self.config, "spec": chunks[0]["spec"]}
         for key in ("entry_x", "y", "std_est", "p"):
             data[key] = torch.cat([c[key] for c in chunks])
-        save_file(data, self.processed_paths[0], "dataset")
-        atomic_write_text(README, Path(self.root) / "README.md")
-        for path in raw_paths:  # everything is in the processed file now
-            os.remove(path)
+        return data, README
 
     def len(self) -> int:
         return self.config["num_models"]
@@ -218,7 +182,7 @@ X_p: p ~ U[0, 1] per model, x = 2 B - 1 with B ~ Beta(0.5 + 4p, 4.5 - 4p).
 Splits: models 0-499 test, 500-999 validation, 1000-2999 training pool (train size N = its first N).
 
 Files: `raw/<tag>-c<chunk size>/chunk_*.pt` (100 models each by default, written atomically; generation resumes
-from them, a damaged chunk is generated again, and they are deleted once `processed/siren_fisher_<tag>.pt` holds
-everything), where `<tag>` hashes the generation settings. Every file carries a hash of its content, checked on
-load. The same seed gives the same files.
+from them, a damaged chunk is generated again, processes generating at once split the chunks by claim files,
+and they are deleted once `processed/siren_fisher_<tag>.pt` holds everything), where `<tag>` hashes the generation
+settings. Every file carries a hash of its content, checked on load. The same seed gives the same files.
 """
