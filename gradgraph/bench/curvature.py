@@ -22,7 +22,7 @@ from ..tasks.curvature_baselines import fit_all, noise_floor
 from ..train.checkpoint import RunDir
 from ..train.loop import on_epoch, progress_bar
 from .curvature_report import plot, report
-from .measure import machine_description
+from .measure import machine_description, write_report
 
 PRESETS = {
     # the paper's protocol
@@ -175,9 +175,4 @@ def run(args) -> int:
               f"{(time.perf_counter() - t0) / 60:.1f} min. Runs: --output {args.output} --loss {args.loss} "
               f"--select {args.select}.")
     table = report(results, refs, g, header)
-    out = Path(args.results)
-    atomic_write_text(table, out / f"curvature_{args.preset}.md")
-    plot(results, refs, out / f"curvature_{args.preset}.png")
-    print(table)
-    print(f"\nwritten: {out / f'curvature_{args.preset}.md'}, {out / f'curvature_{args.preset}.png'}")
-    return 0
+    return write_report(table, args.results, f"curvature_{args.preset}", lambda png: plot(results, refs, png))

@@ -21,7 +21,7 @@ from ..io import atomic_write_text
 from ..tasks.configs import EDITING_MODELS, EditingConfig
 from ..tasks.editing import EditingTask, load_dataset, reference_metrics, train_editing
 from ..train.checkpoint import RunDir
-from .measure import machine_description
+from .measure import machine_description, write_report
 
 MODELS = tuple(EDITING_MODELS)
 PRESETS = {
@@ -98,12 +98,7 @@ def run(args) -> int:
     results = collect(configs)
     examples, intervals = edits(configs, results, data, split)
     table = report(results, ref, intervals, g, data, time.perf_counter() - t0)
-    out = Path(args.results)
-    atomic_write_text(table, out / f"editing_{args.preset}.md")
-    plot(examples, out / f"editing_{args.preset}.png")
-    print(table)
-    print(f"\nwritten: {out / f'editing_{args.preset}.md'}, {out / f'editing_{args.preset}.png'}")
-    return 0
+    return write_report(table, args.results, f"editing_{args.preset}", lambda png: plot(examples, png))
 
 
 def collect(configs) -> dict:

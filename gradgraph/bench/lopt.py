@@ -31,7 +31,7 @@ from ..optim.tasks import OPT_TASKS
 from ..threads import set_threads
 from ..train.loop import progress_bar
 from .lopt_report import plot, report
-from .measure import machine_description
+from .measure import machine_description, write_report
 
 EVAL_SEED, TUNE_SEED = 100_000, 200_000
 LR_GRID = tuple(round(0.0005 * j, 4) for j in range(1, 21))
@@ -173,9 +173,4 @@ def run(args) -> int:
               f"{len(grid)} learning rates x {tune_seeds} seeds by best validation loss, test loss every "
               f"{eval_every} steps.")
     table = report(results, tuned, info, header)
-    out = Path(args.results)
-    atomic_write_text(table, out / f"lopt_{args.preset}.md")
-    plot(results, out / f"lopt_{args.preset}.png")
-    print(table)
-    print(f"\nwritten: {out / f'lopt_{args.preset}.md'}, {out / f'lopt_{args.preset}.png'}")
-    return 0
+    return write_report(table, args.results, f"lopt_{args.preset}", lambda png: plot(results, png))

@@ -14,8 +14,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from ..io import atomic_write_text
 
 
 def machine_description(device: str = "cpu") -> str:
@@ -179,3 +182,14 @@ def run_worker(module: str, job: dict) -> dict:
         why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return _failed(f"memory worker failed: {why}")
     return json.loads(lines[-1])
+
+
+def write_report(table: str, results: str | Path, stem: str, plot: Callable[[Path], None]) -> int:
+    """Write a benchmark's table (``<results>/<stem>.md``, atomically) and its plot (``<stem>.png``), print
+    both paths; the benchmark's exit status (0)."""
+    out = Path(results)
+    atomic_write_text(table, out / f"{stem}.md")
+    plot(out / f"{stem}.png")
+    print(table)
+    print(f"\nwritten: {out / f'{stem}.md'}, {out / f'{stem}.png'}")
+    return 0
