@@ -71,7 +71,7 @@ def test_every_shipped_checkpoint_is_small_documented_and_transfers(name):
             loss = torch.nn.functional.cross_entropy(out.flatten(0, -2), y.flatten())
             loss.backward()
             return loss
-        losses = [float(opt.step(closure)) for _ in range(3)]
+        losses = [float(opt.step(closure).detach()) for _ in range(3)]
         assert all(torch.isfinite(torch.tensor(losses)))
 
 
