@@ -123,7 +123,7 @@ def _load_model(name: str, seed: int):
 def cmd_inspect(args) -> int:
     import torch
 
-    from .api import capture
+    from .api import capture, coverage
 
     model, inputs, targets, loss_fn = _load_model(args.model, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -137,6 +137,11 @@ def cmd_inspect(args) -> int:
             targets = model.example_targets(args.batch_size, gen)
         else:
             loss_fn = None
+    report = coverage(model, inputs)
+    if args.coverage or not report.ok:  # a refused model: show every module's status and the reason
+        print(f"coverage of {args.model} ({type(model).__name__}):\n{report}\n")
+        if not report.ok:
+            return 2
     graph = capture(model, inputs, targets, loss_fn)
     print(f"model: {args.model} ({type(model).__name__}), batch of {graph.num_samples}, "
           f"{'per-sample loss' if loss_fn else 'sum of outputs'} differentiated\n")
@@ -222,6 +227,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples in the batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     p.add_argument("--draw", metavar="PNG", help="also draw the graph (networkx + matplotlib) to this file")
+    p.add_argument("--coverage", action="store_true",
+                   help="also print what gradgraph makes of every module (captured, glue, frozen, refused) and each "
+                        "neuron space (permutable or fixed, and why); printed anyway when the model is refused")
     _threads_option(p)
     p.set_defaults(func=cmd_inspect)
 

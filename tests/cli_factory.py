@@ -24,3 +24,18 @@ def lies() -> nn.Module:
 
 
 NOT_CALLABLE = 3
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.odd = nn.Bilinear(3, 3, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.odd(h, h)
+
+
+def refused() -> tuple[nn.Module, torch.Tensor]:
+    return Unsupported(), torch.randn(4, 3)

@@ -127,3 +127,12 @@ def test_declared_factories_and_module_classes_are_accepted(capsys):
     from gradgraph.models.reference import MLP
 
     assert isinstance(build_model("gradgraph.models.reference:MLP"), MLP)
+
+
+def test_inspect_prints_coverage_and_explains_a_refusal(capsys):
+    assert main(["inspect", "--model", "mlp", "--coverage", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "coverage of mlp" in out and "captured" in out and "neuron spaces:" in out
+    assert main(["inspect", "--model", "cli_factory:refused"]) == 2
+    out = capsys.readouterr().out
+    assert "odd" in out and "refused" in out and "torch.nn.modules.linear.Bilinear" in out
