@@ -107,11 +107,21 @@ class RunningScale(nn.Module):
         if not self.observing:
             return
         with torch.no_grad():
-            ms = self._batch_mean_square(x.detach())
-            n = int(self.batches)
-            w = 1.0 / (n + 1) if n < self.warmup else self.momentum
-            self.mean_square.mul_(1 - w).add_(w * ms) if n else self.mean_square.copy_(ms)
-            self.batches += 1
+            self._fold(self._batch_mean_square(x.detach()))
+
+    def observe_sums(self, sum_squares: Tensor, count: int) -> None:
+        """:meth:`observe` from the per-column sum of squares of a batch's ``count`` rows (for callers that
+        never build the [N, C] tensor, see ``MomentTerms``)."""
+        if not self.observing:
+            return
+        with torch.no_grad():
+            self._fold(sum_squares.detach().to(self.mean_square.dtype) / max(count, 1))
+
+    def _fold(self, ms: Tensor) -> None:
+        n = int(self.batches)
+        w = 1.0 / (n + 1) if n < self.warmup else self.momentum
+        self.mean_square.mul_(1 - w).add_(w * ms) if n else self.mean_square.copy_(ms)
+        self.batches += 1
 
     def scale(self, like: Tensor) -> Tensor:
         """The running root mean square per column, [C], in ``like``'s dtype."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
-from ..graph.kinds import kind_of
+from ..graph.kinds import OpKind, kind_of
 from .encoding import RunningScale, raw_monomials
 from .layers import kind_embedding
 from .layout import BatchLayout
@@ -80,12 +80,24 @@ class MomentTerms(nn.Module):
                 self.paired_out.weight[:, self.INITS[init]] = 1.0
                 self.bias_out.weight[:, self.INITS[init]] = 1.0
 
-    def compute(self, layout: BatchLayout, h: Tensor) -> tuple[dict, dict]:
+    def compute(self, layout: BatchLayout, h: Tensor, weight_bias: Tensor | None = None) -> tuple[dict, dict]:
         """The weight term of every (group, op) with trainable weights, in its kind's canonical layout
-        [G, n_out, n_in', K, out] (diag: [G, n, 1, 1, out]), and the bias term of every (group, op) with
-        trainable biases, [G, n_out, out]."""
-        r = self.raw_scale(raw_monomials(layout.graph.entry_x.to(h.dtype), layout.graph.entry_mask))
-        phi, psi = self.phi_r(r) * (1 + self.phi_h(h)), self.psi_r(r) * (1 + self.psi_h(h))
+        [G, n_out, n_in', K, out] (diag: [G, n, 1, 1, out]), plus ``weight_bias`` [out] if given (a head's
+        output bias, added here for free), and the bias term of every (group, op) with trainable biases,
+        [G, n_out, out].
+
+        The running scales are folded into the weights they precede ((x / s) W^T = x (W / s)^T), and for
+        kinds with the generic ``moments`` (linear, conv, ...) neither the [.., C] moment tensors nor the
+        factorized outer product are built: the paired sums come out of one batched matmul as [G, C, rows],
+        are mixed by the output map with a second one (no transpose copy), and the factorized term of output
+        channel k, sum_c mean_out(j, c) mean_in(i, c) W_f[k, c], is one matmul of the out-neuron means with a
+        [C, n_in' K out] table. Same values as the materialized path up to float rounding."""
+        x = layout.graph.entry_x.to(h.dtype)
+        r = raw_monomials(x, layout.graph.entry_mask)
+        self.raw_scale.observe(r)
+        inv = 1 / self.raw_scale.scale(r)  # (r / s) W^T = r (W / s)^T
+        phi = (r @ (self.phi_r.weight * inv).t()) * torch.addmm(self.phi_h.bias + 1, h, self.phi_h.weight.t())
+        psi = (r @ (self.psi_r.weight * inv).t()) * torch.addmm(self.psi_h.bias + 1, h, self.psi_h.weight.t())
         # a bias is a weight on a constant input a = 1: its psi is that of the constant's monomials
         one = h.new_tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
         psi_bias = self.psi_r(one / self.raw_scale.scale(one))[0]
@@ -93,22 +105,75 @@ class MomentTerms(nn.Module):
         for gi, group in enumerate(layout.groups):
             for k, op in enumerate(group.spec.ops):
                 if group.spec.theta_range(op.weight) is not None:
-                    pairs[gi, k] = kind_of(op).moments(group, op, phi, psi)
+                    kind = kind_of(op)
+                    pairs[gi, k] = (_GenericMoments(*kind.aligned_blocks(group, op, phi, psi))
+                                    if type(kind).moments is OpKind.moments else kind.moments(group, op, phi, psi))
                 if group.spec.theta_range(op.bias) is not None:
                     lay = group.spec.layers[op.out_layer]
                     X = group.block(phi, lay, "g")
                     biases[gi, k] = X.reshape(group.size, -1, lay.size, X.shape[-1]).sum(1) / X.shape[1] * psi_bias
         # one running scale per channel over every parameter of the batch: paired weight terms and bias terms
         # together (they are the same moment for weights and for biases), factorized terms apart
-        flat = lambda ts: [t.reshape(-1, t.shape[-1]) for t in ts]  # noqa: E731
-        if self.paired_scale.observing:  # (the [P, c] concatenation only when it is used)
-            self.paired_scale.observe(torch.cat(flat([t[0] for t in pairs.values()]) + flat(biases.values())))
+        if self.paired_scale.observing:
+            sums = [_sum_squares(t, 0) for t in pairs.values()] + [_sum_squares(t, None) for t in biases.values()]
+            self.paired_scale.observe_sums(sum(s for s, _ in sums), sum(n for _, n in sums))
         if pairs and self.factorized_scale.observing:
-            self.factorized_scale.observe(torch.cat(flat([t[1] for t in pairs.values()])))
-        weights = {key: self.paired_out(p / self.paired_scale.scale(p)) + self.factorized_out(
-                   f / self.factorized_scale.scale(f)) for key, (p, f) in pairs.items()}
+            sums = [_sum_squares(t, 1) for t in pairs.values()]
+            self.factorized_scale.observe_sums(sum(s for s, _ in sums), sum(n for _, n in sums))
+        Wp = self.paired_out.weight / self.paired_scale.scale(h)
+        Wf = self.factorized_out.weight / self.factorized_scale.scale(h)
+        weights = {}
+        for key, t in pairs.items():
+            if isinstance(t, _GenericMoments):
+                weights[key] = t.mixed(Wp, Wf, weight_bias)
+            else:
+                p, f = t
+                w = torch.matmul(p, Wp.t()) + torch.matmul(f, Wf.t())
+                weights[key] = w if weight_bias is None else w + weight_bias
         biases = {key: self.bias_out(t / self.paired_scale.scale(t)) for key, t in biases.items()}
         return weights, biases
+
+
+class _GenericMoments:
+    """The moment terms of one op with the generic ``OpKind.moments``, kept as their factors (see
+    ``MomentTerms.compute``): ``X_out`` [G, Q, n_out, C], ``X_in`` [G, Q, n_in', K, C] and b."""
+
+    def __init__(self, X_out: Tensor, X_in: Tensor, b: int) -> None:
+        G, Q, n_out, C = X_out.shape
+        self.shape = (G, n_out, *X_in.shape[2:4])
+        self.b, M = b, X_in.shape[2] * X_in.shape[3]
+        # sum_q phi_q(j) psi_q(i) per channel: [G, C, n_out, M], one batched matmul
+        self.paired_sum = torch.matmul(X_out.permute(0, 3, 2, 1), X_in.permute(0, 4, 1, 2, 3).reshape(G, C, Q, M))
+        self.out_sum, self.in_sum = X_out.sum(1), X_in.sum(1).reshape(G, M, C)  # [G, n_out, C], [G, M, C]
+
+    def sum_squares(self, factorized: bool) -> tuple[Tensor, int]:
+        """Per channel, the sum of squares of the paired (or factorized) term's values, and their number."""
+        G, n_out, n_in, K = self.shape
+        if factorized:
+            ss = (self.out_sum.detach().square().sum(1) * self.in_sum.detach().square().sum(1)).sum(0) / self.b ** 4
+        else:
+            ss = self.paired_sum.detach().square().sum((0, 2, 3)) / self.b ** 2
+        return ss, G * n_out * n_in * K
+
+    def mixed(self, Wp: Tensor, Wf: Tensor, bias: Tensor | None) -> Tensor:
+        """paired W_p^T + factorized W_f^T (+ bias): [G, n_out, n_in', K, out]."""
+        G, n_out, n_in, K = self.shape
+        M, C, out = n_in * K, Wp.shape[1], Wp.shape[0]
+        table = (self.in_sum[:, :, None, :] * (Wf / self.b ** 2)).permute(0, 3, 1, 2).reshape(G, C, M * out)
+        fact = torch.bmm(self.out_sum, table) if bias is None else torch.baddbmm(bias.repeat(M), self.out_sum, table)
+        P = self.paired_sum.view(G, C, n_out * M).transpose(1, 2)  # [G, n_out M, C], column-major: no copy
+        res = torch.baddbmm(fact.view(G, n_out * M, out), P, (Wp / self.b).t().expand(G, C, out))
+        return res.view(G, n_out, n_in, K, out)
+
+
+def _sum_squares(t, which: int | None) -> tuple[Tensor, int]:
+    """Per-channel sum of squares and count of a moment term: a ``_GenericMoments`` (which: 0 paired,
+    1 factorized), a materialized (paired, factorized) pair, or one tensor (which=None)."""
+    if isinstance(t, _GenericMoments):
+        return t.sum_squares(bool(which))
+    x = t if which is None else t[which]
+    x = x.detach().reshape(-1, x.shape[-1])
+    return x.square().sum(0), x.shape[0]
 
 
 def _moment_terms(entry_channels: int | None, channels: int, out_channels: int, init: str | None,
@@ -165,7 +230,8 @@ class ParamHead(nn.Module):
             raise ValueError("this head was built with param_features=%d; pass a [P, F] tensor exactly when F > 0"
                              % (0 if self.param_lin is None else self.param_lin.in_features))
         out = u.new_zeros(layout.num_params, self.out_channels)
-        m_weights, m_biases = self.moments.compute(layout, h) if self.moments is not None else ({}, {})
+        m_weights, m_biases = (self.moments.compute(layout, h, weight_bias=self.out.bias) if self.moments is not None
+                               else ({}, {}))
         for gi, group in enumerate(layout.groups):
             spec = group.spec
             for k, op in enumerate(spec.ops):
@@ -175,21 +241,30 @@ class ParamHead(nn.Module):
                 u_out = group.nodes(u, lout)
                 tidx = group.theta_index(op)
                 if tidx is not None:
-                    d = self.dst(u_out)[:, :, None, None]
+                    # the out-neuron, kernel-offset and kind terms summed while small, [G, n_out, 1, K, hidden]:
+                    # one add per chunk at full size
+                    coords = layout.memo(("kernel_coords", id(op)),
+                                         lambda op=op: kind_of(op).kernel_coords(op).to(u.device))
+                    d = self.dst(u_out)[:, :, None, None] + (self.offset(coords.to(u.dtype)) + kind)
                     s = op_kind.align_source(self.src(group.nodes(u, lin)))
-                    off = self.offset(op_kind.kernel_coords(op).to(u.device, u.dtype))
-                    mw = m_weights.get((gi, k), 0)
+                    mw = m_weights.get((gi, k))  # the moment terms with self.out's bias in them
+                    rows_out = group.param_rows(out, op)  # [G, n_out n_in' K, C] view of out, or None
                     # chunks of out-neuron rows: the [G, n_out, n_in', K, hidden] tensor is never built whole
-                    n_out = tidx.shape[1]
+                    n_out, per_row = tidx.shape[1], tidx[0, 0].numel()
                     step = max(1, self.CHUNK // max(1, tidx[:, :1].numel() * d.shape[-1]))
                     for r0 in range(0, n_out, step):
                         rows = slice(r0, min(r0 + step, n_out))
-                        ti = tidx[:, rows]
-                        pre = d[:, rows] + (s[:, rows] if s.shape[1] > 1 else s) + off + kind
+                        pre = d[:, rows] + (s[:, rows] if s.shape[1] > 1 else s)
                         if self.param_lin is not None:
-                            pre = pre + self.param_lin(param_features[ti])
-                        val = self.out(F.gelu(pre)) + (mw[:, rows] if torch.is_tensor(mw) else mw)
-                        out[ti.reshape(-1)] = val.reshape(-1, self.out_channels)
+                            pre = pre + self.param_lin(param_features[tidx[:, rows]])
+                        act = F.gelu(pre).reshape(-1, pre.shape[-1])
+                        val = self.out(act) if mw is None else torch.addmm(
+                            mw[:, rows].reshape(-1, self.out_channels), act, self.out.weight.t())
+                        if rows_out is not None:
+                            rows_out[:, rows.start * per_row:rows.stop * per_row] = val.view(group.size, -1,
+                                                                                             self.out_channels)
+                        else:
+                            out[tidx[:, rows].reshape(-1)] = val
                 bidx = group.bias_index(op)
                 if bidx is not None:
                     pre = self.bias_node(u_out) + kind

@@ -35,11 +35,10 @@ def _signature(spec: GraphSpec):
 class StructureGroup:
     """Graphs of one batch that share their architecture and set layout."""
 
-    def __init__(self, layout: "BatchLayout", spec: GraphSpec, graphs: Tensor) -> None:
-        self.layout, self.spec, self.graphs = layout, spec, graphs
-        self.entry_off = layout.entry_ptr[graphs]
-        self.node_off = layout.node_ptr[graphs]
-        self.theta_off = layout.theta_ptr[graphs]
+    def __init__(self, layout: "BatchLayout", spec: GraphSpec, graphs: Tensor, index: int = 0) -> None:
+        self.layout, self.spec, self.graphs, self.index = layout, spec, graphs, index
+        self.entry_off, self.node_off, self.theta_off = layout.memo(("offsets", index), lambda: (
+            layout.entry_ptr[graphs], layout.node_ptr[graphs], layout.theta_ptr[graphs]))
         self._dev = graphs.device
 
     @property
@@ -76,7 +75,10 @@ class StructureGroup:
 
     def theta_index(self, op: OpSpec) -> Tensor | None:
         """Global theta rows of the op's weights in its kind's canonical layout [G, n_out, n_in', K] (None if
-        the weight is frozen)."""
+        the weight is frozen). Structure only: computed once per structure (see ``BatchLayout.memo``)."""
+        return self.layout.memo(("theta", self.index, id(op)), lambda: self._theta_index(op))
+
+    def _theta_index(self, op: OpSpec) -> Tensor | None:
         r = self.spec.theta_range(op.weight)
         if r is None:
             return None
@@ -86,10 +88,78 @@ class StructureGroup:
 
     def bias_index(self, op: OpSpec) -> Tensor | None:
         """Global theta rows of the op's biases: [G, n_out] (None if there is no trainable bias)."""
+        return self.layout.memo(("bias", self.index, id(op)), lambda: self._bias_index(op))
+
+    def _bias_index(self, op: OpSpec) -> Tensor | None:
         r = self.spec.theta_range(op.bias)
         if r is None:
             return None
         return self.theta_off[:, None] + torch.arange(r[0], r[1], device=self._dev)
+
+    def param_rows(self, out: Tensor, op: OpSpec, bias: bool = False) -> Tensor | None:
+        """The rows of ``out`` [P, C] (theta order) holding the op's weights (or biases), as a view
+        [G, n, C] in canonical order, when the op's rows are one contiguous range of every graph's block (a
+        linear or conv weight in theta order, any bias) and the group's graphs are evenly spaced (a single
+        graph or a uniform batch): then a head writes them with a copy instead of an indexed scatter. None
+        otherwise (frozen, or rows in another order: use ``theta_index``/``bias_index``)."""
+        rows = self.layout.memo(("rows", self.index, id(op), bias), lambda: self._param_rows(op, bias))
+        if rows is None:
+            return None
+        lo, hi = rows
+        if self.size == 1:
+            off = self.layout.theta_starts[self.layout.group_members[self.index][0]]
+            return out[off + lo:off + hi][None]
+        if self.layout.uniform:
+            return out.view(self.size, -1, out.shape[-1])[:, lo:hi]
+        return None
+
+    def _param_rows(self, op: OpSpec, bias: bool):
+        r = self.spec.theta_range(op.bias if bias else op.weight)
+        if r is None:
+            return None
+        if not bias:
+            n_in, n_out = self.spec.layers[op.in_layer].size, self.spec.layers[op.out_layer].size
+            local = kind_of(op).theta_index(op, n_in, n_out, r[0]).reshape(-1)
+            if not torch.equal(local, torch.arange(r[0], r[0] + local.numel())):
+                return None
+        return r
+
+
+class _Structure:
+    """What a layout needs that depends on the specs alone: offsets (as tensors and Python ints), the
+    structure groups, and a memo of structure-only tensors (index tensors, positional encodings...).
+
+    One per forward would rebuild them every call (small tensor ops, ``int()`` reads, ``torch.unique``),
+    which dominated GradMetaNet's cost on small models; when every graph of the layout has the same spec
+    object (a single graph, or a batch of graphs of one interned spec, as in a learned optimizer's steps),
+    it is cached on that spec (like the spec's entry tables, see ``gradgraph.graph.build``), per number of
+    graphs and device."""
+
+    def __init__(self, specs: list[GraphSpec], device) -> None:
+        self.memo: dict = {}
+        counts = {name: [getattr(s, name) for s in specs]
+                  for name in ("num_entries", "num_nodes", "num_params", "num_samples")}
+        self.ptrs = {name: _ptr(sizes, device) for name, sizes in counts.items()}
+        self.totals = {name: sum(sizes) for name, sizes in counts.items()}
+        starts = [0]
+        for n in counts["num_params"]:
+            starts.append(starts[-1] + n)
+        self.theta_starts = starts
+        by_sig: dict = {}
+        for gi, spec in enumerate(specs):
+            by_sig.setdefault(_signature(spec), []).append(gi)
+        self.group_members = list(by_sig.values())
+        self.group_graphs = [torch.tensor(gis, device=device) for gis in self.group_members]
+
+    @classmethod
+    def of(cls, specs: list[GraphSpec], device) -> "_Structure":
+        if not all(s is specs[0] for s in specs):
+            return cls(specs, device)
+        cache = specs[0].__dict__.setdefault("_layout_structure", {})
+        key = (len(specs), str(device))
+        if key not in cache:
+            cache[key] = cls(specs, device)
+        return cache[key]
 
 
 class BatchLayout:
@@ -101,14 +171,20 @@ class BatchLayout:
         dev = graph.entry_x.device
         self.device = dev
         self.num_graphs = len(self.specs)
-        self.entry_ptr = _ptr([s.num_entries for s in self.specs], dev)
-        self.node_ptr = _ptr([s.num_nodes for s in self.specs], dev)
-        self.theta_ptr = _ptr([s.num_params for s in self.specs], dev)
-        self.sample_ptr = _ptr([s.num_samples for s in self.specs], dev)
-        self.num_entries = int(self.entry_ptr[-1])
-        self.num_nodes = int(self.node_ptr[-1])
-        self.num_params = int(self.theta_ptr[-1])
-        self.num_samples = int(self.sample_ptr[-1])
+        st = self._structure = _Structure.of(self.specs, dev)
+        self.entry_ptr, self.node_ptr = st.ptrs["num_entries"], st.ptrs["num_nodes"]
+        self.theta_ptr, self.sample_ptr = st.ptrs["num_params"], st.ptrs["num_samples"]
+        self.num_entries, self.num_nodes = st.totals["num_entries"], st.totals["num_nodes"]
+        self.num_params, self.num_samples = st.totals["num_params"], st.totals["num_samples"]
+        self.theta_starts, self.group_members = st.theta_starts, st.group_members
+
+    def memo(self, key, fn):
+        """``fn()``, computed once per structure (cached with the spec, see ``_Structure``): only for values that
+        depend on the specs alone, never on the graph's features or on parameters."""
+        memo = self._structure.memo
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
 
     # -- per-entry indices --------------------------------------------------------------------------
     @cached_property
@@ -168,7 +244,7 @@ class BatchLayout:
     def uniform(self) -> bool:
         """True when every graph of the batch has the same structure and only dense blocks: then entries
         are [G, E_g, f] and every pool is a reshape and a sum (no index ops)."""
-        return len(self.groups) == 1 and all(
+        return len(self.group_members) == 1 and all(
             blk.kind == "dense" for lay in self.specs[0].layers for blk in (lay.a, lay.g) if blk is not None)
 
     def pool_apply(self, h: Tensor, axis: str, fn=None) -> Tensor:
@@ -305,8 +381,6 @@ class BatchLayout:
 
     @cached_property
     def groups(self) -> list[StructureGroup]:
-        by_sig: dict = {}
-        for gi, spec in enumerate(self.specs):
-            by_sig.setdefault(_signature(spec), []).append(gi)
-        return [StructureGroup(self, self.specs[gis[0]], torch.tensor(gis, device=self.device))
-                for gis in by_sig.values()]
+        st = self._structure
+        return [StructureGroup(self, self.specs[gis[0]], graphs, i)
+                for i, (gis, graphs) in enumerate(zip(st.group_members, st.group_graphs))]

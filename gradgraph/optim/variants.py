@@ -196,8 +196,10 @@ class DSGradMetaNet(DS):
                 avg[:N, cols].mul_(d).add_(mom, alpha=1 - d)
         avg[N] = torch.tensor([1.0, 0.0] * D, dtype=avg.dtype)  # the constant input of a bias
         avg[N + 1] = 0
-        pooled = torch.cat([avg[out_n][:, 1::2], avg[in_n][:, 0::2]], 1).clamp_min(0).sqrt()  # g^2 out, a^2 in
-        extra = torch.cat([gnn.to(dtype), pooled.to(dtype)], 1)
+        # square roots on the [N + 2, D] tables, then one gather per side straight into the result (the same
+        # values as gathering first; at 1.86M parameters the [P, 2 D] intermediates cost ~40 ms a step)
+        g_out, a_in = (avg[:, c::2].clamp_min(0).sqrt().to(dtype) for c in (1, 0))  # g^2 out, a^2 in
+        extra = torch.cat([gnn.to(dtype), g_out.index_select(0, out_n), a_in.index_select(0, in_n)], 1)
         if ctx["theta_of_flat"] is not None:
             extra = extra.index_select(0, ctx["theta_of_flat"])
         return extra
