@@ -7,7 +7,7 @@ inner step there is one ``torch.func.vmap`` of the task's loss and gradient over
 ``functional_call`` on one template model), one batched feature computation and one batched MLP (``baddbmm``
 with every particle's own meta-parameters), instead of 2n Python-level optimizer steps.
 
-Measured on digits-mlp, 16 pairs (README, "Learned optimizer"): see ``benchmarks/results/lopt_meta_step.md``.
+Measured on digits-mlp, 16 pairs: ``python benchmarks/lopt_meta_step.py`` (``benchmarks/results/lopt_meta_step.md``).
 Graph variants keep the loop of :class:`LOptProblem`: the metanetwork forward on a graph of a few hundred nodes
 is dominated by per-op overhead, and ``vmap`` over it measured slower than the loop (80 ms against 69 ms for 8
 particles).
