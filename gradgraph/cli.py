@@ -265,6 +265,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     m.add_argument("--scalar-lr", type=float, default=1e-2,
                    help="learning rate of the scalar step sizes alpha, mu, beta (log-scale numbers)")
     m.add_argument("--seed", type=int, default=0, help="seed of the meta-parameters and of PES")
+    m.add_argument("--meta-loss", default="train", choices=["train", "val"],
+                   help="per-step meta-loss: the training batch's loss before the update, or the validation loss "
+                        "after it (rewards generalisation rather than memorising the training set)")
     m.add_argument("--loop", action="store_true",
                    help="one optimizer per particle even where the particles can be stacked (sgdm, ds)")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")

@@ -234,8 +234,8 @@ def test_two_gloo_ranks_give_the_meta_gradient_of_one_process(tmp_path):
     assert got["history"] == pytest.approx(pes.history, rel=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["sgdm", "ds"])
-def test_batched_particles_match_one_optimizer_per_particle(variant):
+@pytest.mark.parametrize("variant, meta_loss", [("sgdm", "train"), ("ds", "train"), ("ds", "val")])
+def test_batched_particles_match_one_optimizer_per_particle(variant, meta_loss):
     from gradgraph.optim.particles import BatchedLOptProblem
 
     task = DigitsMLP(batch_size=32)
@@ -246,8 +246,9 @@ def test_batched_particles_match_one_optimizer_per_particle(variant):
             for p in rule.mlp.parameters():
                 p.normal_(0, 0.5)
     cfg = PESConfig(pairs=3, truncation=4, sigma=0.05, seed=1)
-    loop = PES(LOptProblem(task, rule, horizon=5), LOptProblem(task, rule).theta0(), cfg)
-    batched = PES(BatchedLOptProblem(task, rule, horizon=5), LOptProblem(task, rule).theta0(), cfg)
+    loop = PES(LOptProblem(task, rule, horizon=5, meta_loss=meta_loss), LOptProblem(task, rule).theta0(), cfg)
+    batched = PES(BatchedLOptProblem(task, rule, horizon=5, meta_loss=meta_loss), LOptProblem(task, rule).theta0(),
+                  cfg)
     for _ in range(3):  # 12 inner steps over a horizon of 5: every pair resets inside a truncation
         ga, la = loop.estimate()
         gb, lb = batched.estimate()
@@ -256,6 +257,22 @@ def test_batched_particles_match_one_optimizer_per_particle(variant):
     assert float(ga.norm()) > 0
     saved = copy.deepcopy(batched.state_dict())
     ref = batched.estimate()[0]
-    other = PES(BatchedLOptProblem(task, rule, horizon=5), LOptProblem(task, rule).theta0(), cfg)
+    other = PES(BatchedLOptProblem(task, rule, horizon=5, meta_loss=meta_loss), LOptProblem(task, rule).theta0(),
+                cfg)
     other.load_state_dict(saved)
     assert torch.equal(other.estimate()[0], ref)
+
+
+def test_the_validation_meta_loss_is_the_validation_loss_after_each_update():
+    task = DigitsMLP(batch_size=32)
+    rule = VARIANTS.build("sgdm")
+    train_pb, val_pb = (LOptProblem(task, rule, horizon=9, meta_loss=m) for m in ("train", "val"))
+    for pb in (train_pb, val_pb):
+        pb.init(torch.tensor([0]), torch.tensor([0]))
+    thetas = LOptProblem(task, rule).theta0()[None].repeat(2, 1).double()
+    train_losses, val_losses = train_pb.step(thetas, torch.tensor([0])), val_pb.step(thetas, torch.tensor([0]))
+    model = val_pb.particles[0]["model"]
+    assert float(val_losses[0]) == pytest.approx(task.evaluate(model, "val"))
+    assert float(val_losses[0]) != pytest.approx(float(train_losses[0]))
+    with pytest.raises(ValueError, match="meta_loss must be one of"):
+        LOptProblem(task, rule, meta_loss="test")

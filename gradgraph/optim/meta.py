@@ -40,7 +40,18 @@ from .optimizer import LearnedOptimizer
 from .tasks import OptTask
 from .variants import LearnedRule
 
-__all__ = ["PESConfig", "PES", "LOptProblem"]
+__all__ = ["PESConfig", "PES", "LOptProblem", "META_LOSSES", "check_meta_loss"]
+
+# What a step's meta-loss is: "train", the training loss of the step's batch before the update (UNF's code, the
+# issue's definition); "val", the loss on the task's validation batch after the update (learned_optimization's
+# outer-validation objective: it rewards generalisation, where "train" rewards memorising the training set fast)
+META_LOSSES = ("train", "val")
+
+
+def check_meta_loss(meta_loss: str) -> str:
+    if meta_loss not in META_LOSSES:
+        raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
+    return meta_loss
 
 
 @dataclass
@@ -174,10 +185,11 @@ class LOptProblem:
     are the flat ``thetas[p]`` loaded into its own copy of ``rule``. Particles run one after another (for sgdm and
     ds, :class:`~gradgraph.optim.particles.BatchedLOptProblem` stacks them)."""
 
-    def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None) -> None:
+    def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None, meta_loss: str = "train") -> None:
         self.task, self.rule = task, rule
         self.horizon = horizon or task.horizon
         self.max_loss = task.max_loss
+        self.meta_loss = check_meta_loss(meta_loss)
         self.particles: list[dict] = []
 
     def theta0(self) -> Tensor:
@@ -214,7 +226,8 @@ class LOptProblem:
                 loss = self.task.loss(model, batch)
                 loss.backward()
                 return loss
-            losses[p] = float(opt.step(closure).detach())
+            loss = float(opt.step(closure).detach())
+            losses[p] = loss if self.meta_loss == "train" else self.task.evaluate(model, "val")
         return losses
 
     def state_dict(self) -> dict:

@@ -48,7 +48,7 @@ def command(args, steps: int) -> str:
     horizon = f" --horizon {args.horizon}" if args.horizon else ""
     return (f"gradgraph meta-train --task {args.task} --variant {args.variant} --steps {steps} --pairs {args.pairs} "
             f"--truncation {args.truncation}{horizon} --sigma {args.sigma} --lr {args.lr} --scalar-lr {args.scalar_lr} "
-            f"--seed {args.seed}")
+            f"--seed {args.seed}" + ("" if args.meta_loss == "train" else f" --meta-loss {args.meta_loss}"))
 
 
 def run(args) -> int:
@@ -70,14 +70,17 @@ def _run(args) -> int:
     # particles in stacked tensors where the variant allows it (measured 2.5-3.4x faster per meta-step); a
     # resumed run keeps the kind it started with (their states differ)
     kind = saved.get("particles", "loop") if saved else ("batched" if batchable(rule) and not args.loop else "loop")
-    problem = (BatchedLOptProblem if kind == "batched" else LOptProblem)(task, rule, horizon=args.horizon)
+    problem = (BatchedLOptProblem if kind == "batched" else LOptProblem)(task, rule, horizon=args.horizon,
+                                                                           meta_loss=args.meta_loss)
     cfg = PESConfig(pairs=args.pairs, truncation=args.truncation, sigma=args.sigma, lr=args.lr, seed=args.seed,
                     scalar_lr=args.scalar_lr)
     pes = PES(problem, problem.theta0(), cfg)
     if saved:
-        if saved["task"] != args.task or saved["variant"] != args.variant or saved["horizon"] != problem.horizon:
-            raise ValueError(f"{ckpt} is a run of {saved['variant']} on {saved['task']} (horizon {saved['horizon']}); "
-                             "use another --out folder")
+        run_of = (saved["task"], saved["variant"], saved["horizon"], saved.get("meta_loss", "train"))
+        if run_of != (args.task, args.variant, problem.horizon, args.meta_loss):
+            raise ValueError(f"{ckpt} is a run of {saved['variant']} on {saved['task']} (horizon {saved['horizon']}, "
+                             f"meta-loss {run_of[3]}), not of {args.variant} on {args.task} (horizon "
+                             f"{problem.horizon}, meta-loss {args.meta_loss}); use another --out folder")
         pes.load_state_dict(saved["pes"])
         spent = float(saved["process_seconds"])
         if main:
@@ -89,9 +92,11 @@ def _run(args) -> int:
             return
         vector_to_parameters(pes.theta.detach().float(), rule.parameters())
         save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": state,
-                   "process_seconds": spent, "particles": kind}, ckpt, "pes-checkpoint")
+                   "process_seconds": spent, "particles": kind,
+                   "meta_loss": args.meta_loss}, ckpt, "pes-checkpoint")
         save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
                    "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
+                   "meta_loss": args.meta_loss,
                    "process_seconds": spent, "command": command(args, pes.meta_step)}, out / "rule.pt", "lopt-rule")
         save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)")
 

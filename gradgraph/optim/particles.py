@@ -20,6 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils import parameters_to_vector
 
 from .features import DECAYS, time_features
+from .meta import check_meta_loss
 from .tasks import OptTask
 from .variants import DS, LearnedRule
 
@@ -37,13 +38,14 @@ def batchable(rule: LearnedRule) -> bool:
 class BatchedLOptProblem:
     """The inner runs of ``task`` under ``rule``'s variant, all particles stacked (see the module docstring)."""
 
-    def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None) -> None:
+    def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None, meta_loss: str = "train") -> None:
         if not batchable(rule):
             raise TypeError(f"variant '{rule.variant}' reads the gradient graph or has its own learned_term: use "
                             "LOptProblem (one optimizer per particle)")
         self.task, self.rule = task, rule
         self.horizon = horizon or task.horizon
         self.max_loss = task.max_loss
+        self.meta_loss = check_meta_loss(meta_loss)
         self.template = task.model(seed=0)
         self.names = [n for n, p in self.template.named_parameters() if p.requires_grad]
         shapes = dict(self.template.named_parameters())
@@ -95,11 +97,11 @@ class BatchedLOptProblem:
         thetas = thetas.to(self.params.dtype)
         return {n: thetas[:, off:off + s.numel()].reshape(thetas.shape[0], *s) for n, s, off in self.meta_layout}
 
-    def _loss_and_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        def loss(params, x, y):
-            return self.task.loss(lambda inp: functional_call(self.template, params, (inp,)), (x, y))
+    def _loss(self, params, x, y):
+        return self.task.loss(lambda inp: functional_call(self.template, params, (inp,)), (x, y))
 
-        grads, losses = vmap(grad_and_value(loss))(self._unflatten(self.params), x, y)
+    def _loss_and_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        grads, losses = vmap(grad_and_value(self._loss))(self._unflatten(self.params), x, y)
         return losses.detach(), torch.cat([grads[n].flatten(1) for n in self.names], 1).detach()
 
     def _learned_term(self, meta: dict[str, Tensor], g: Tensor) -> Tensor:
@@ -143,6 +145,9 @@ class BatchedLOptProblem:
             update = self.momentum + meta["log_beta"].exp()[:, None] * self._learned_term(meta, g)
         self.params.sub_(meta["log_alpha"].exp()[:, None] * update)
         self.steps += 1
+        if self.meta_loss == "val":  # every particle's loss on the validation batch, after its update
+            xv, yv = self.task.eval_batch("val")
+            losses = vmap(self._loss, in_dims=(0, None, None))(self._unflatten(self.params), xv, yv)
         return losses
 
     def state_dict(self) -> dict:

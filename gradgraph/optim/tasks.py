@@ -53,9 +53,14 @@ class OptTask:
         """The mean loss of ``model`` on ``batch`` (a scalar with grad)."""
         raise NotImplementedError
 
+    def eval_batch(self, split: str = "val"):
+        """The fixed batch that :meth:`evaluate` scores (the whole split, or fixed windows of it)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str = "val") -> float:
         """The mean loss on the whole ``"val"`` or ``"test"`` split."""
-        raise NotImplementedError
+        return float(self.loss(model, self.eval_batch(split)))
 
     @property
     def max_loss(self) -> float:
@@ -97,10 +102,8 @@ class DigitsMLP(OptTask):
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    @torch.no_grad()
-    def evaluate(self, model, split: str = "val") -> float:
-        x, y = self.data()[_split(split)]
-        return float(F.cross_entropy(model(x), y))
+    def eval_batch(self, split: str = "val"):
+        return self.data()[_split(split)]
 
 
 def _split(split: str) -> str:
@@ -182,11 +185,10 @@ class TextGPT(OptTask):
         x, y = batch
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
-    @torch.no_grad()
-    def evaluate(self, model, split: str = "val") -> float:
+    def eval_batch(self, split: str = "val"):
         lo, hi = self._range(split)
         starts = torch.linspace(lo, hi - self.seq_len - 2, self.eval_windows).long()  # fixed, evenly spaced
-        return float(self.loss(model, self._windows(starts)))
+        return self._windows(starts)
 
 
 OPT_TASKS.register("digits-mlp", DigitsMLP, help="sklearn digits, MLP 64-32-10, batch 128")
