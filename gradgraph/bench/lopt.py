@@ -80,13 +80,16 @@ def _rules(args) -> dict[str, str]:
     return rules
 
 
-def train_curve(task, make_opt, seed: int, steps: int, eval_every: int, split: str = "test") -> dict:
+def train_curve(task, make_opt, seed: int, steps: int, eval_every: int, split: str = "test",
+                also_train: bool = False) -> dict:
     """Train ``task.model(seed)`` on ``task.batches(seed)`` for ``steps`` steps with ``make_opt(model)``;
-    the ``split`` loss at step 0, every ``eval_every`` steps and at the end, and the cumulative training time
-    (seconds, evaluation excluded) at each of those points."""
+    the ``split`` loss (``loss``; with ``also_train`` the training-split loss too, ``train``) at step 0, every
+    ``eval_every`` steps and at the end, and the cumulative training time (seconds, evaluation excluded) at
+    each of those points."""
     model = task.model(seed=seed)
     opt, data = make_opt(model), task.batches(seed=seed)
     points, losses, seconds, spent = [0], [task.evaluate(model, split)], [0.0], 0.0
+    train = [task.evaluate(model, "train")] if also_train else None
     for step in range(1, steps + 1):
         batch = next(data)
         t0 = time.perf_counter()
@@ -102,7 +105,10 @@ def train_curve(task, make_opt, seed: int, steps: int, eval_every: int, split: s
             points.append(step)
             losses.append(task.evaluate(model, split))
             seconds.append(spent)
-    return {"steps": points, "loss": losses, "seconds": seconds, "ms_per_step": 1000 * spent / steps}
+            if train is not None:
+                train.append(task.evaluate(model, "train"))
+    out = {"steps": points, "loss": losses, "seconds": seconds, "ms_per_step": 1000 * spent / steps}
+    return {**out, "train": train} if train is not None else out
 
 
 class Runner:
@@ -116,13 +122,15 @@ class Runner:
         steps = self.steps or task.horizon
         key = dict(task=task_name, optimizer=label, setting=setting, seed=seed, steps=steps,
                    eval_every=self.eval_every, split=split)
+        if split == "test":  # evaluation runs also record the training loss (what meta-training optimises)
+            key["train_curve"] = True
         path = self.out_dir / task_name / f"{content_hash(key)[:20]}.json"
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
                 return saved
         torch.manual_seed(seed)
-        curve = train_curve(task, make_opt, seed, steps, self.eval_every, split)
+        curve = train_curve(task, make_opt, seed, steps, self.eval_every, split, also_train=split == "test")
         result = {"key": key, **curve}
         atomic_write_text(json.dumps(result), path)
         return result
