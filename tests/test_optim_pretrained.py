@@ -39,6 +39,17 @@ def test_from_pretrained_loads_the_meta_parameters(tmp_path, monkeypatch):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     with pytest.raises(UnknownNameError, match="no shipped learned-optimizer checkpoint named 'nope'.*'ds'"):
         LearnedOptimizer.from_pretrained("nope", model)
+    _ship(tmp_path, "graph", "ds+gradmetanet")  # a graph variant steps a model of another family
+    gpt = GPT(vocab_size=11, block_size=6, d_model=16, n_heads=2, n_layers=1)
+    opt = LearnedOptimizer.from_pretrained("graph", gpt)
+    tokens = torch.randint(11, (4, 6))
+
+    def gpt_closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(gpt(tokens).flatten(0, 1), tokens.flatten())
+        loss.backward()
+        return loss
+    assert opt.meta.needs_graph and torch.isfinite(opt.step(gpt_closure).detach())
 
 
 def test_a_run_folders_rule_loads_by_path(tmp_path):
