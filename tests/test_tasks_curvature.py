@@ -102,8 +102,10 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
             "--num-models", "45", "--num-points", "8", "--quiet"]
     subprocess.run([sys.executable, *args, "--out-dir", str(tmp_path / "one")], env=env, check=True,
                    capture_output=True)
+    # the two ranks also generate their own copy of the dataset together (the chunk store splits the chunks)
+    env2 = {**env, "GRADGRAPH_DATASETS": str(tmp_path / "datasets2")}
     subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29571", *args,
-                    "--out-dir", str(tmp_path / "two")], env=env, check=True, capture_output=True)
+                    "--out-dir", str(tmp_path / "two")], env=env2, check=True, capture_output=True)
     one = json.loads((tmp_path / "one" / "gradmetanet-n12-s0" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "gradmetanet-n12-s0" / "metrics.json").read_text())
     for a, b in zip(one["history"], two["history"]):

@@ -22,7 +22,7 @@ from ..data.digit_inrs import DigitINRs, dilate, grid_coords, make_siren, render
 from ..errors import UnknownNameError
 from ..nn import calibrate_scales
 from ..nn.registry import METANETWORKS
-from ..train.distributed import all_sum, main_first, world
+from ..train.distributed import all_sum, world
 from ..train.loop import Task, train
 from .configs import EDITING_MODELS, EditingConfig
 
@@ -34,11 +34,11 @@ ADAM_GRID = {"k": (1, 3, 10, 30, 100), "lr": (1e-4, 3e-4, 1e-3, 3e-3)}
 
 
 def load_dataset(cfg: EditingConfig, progress: bool = True) -> DigitINRs:
-    """The run's dataset (fitted if needed; under torch.distributed rank 0 fits, the others wait)."""
-    with main_first():
-        return DigitINRs(cfg.dataset_root, num_images=cfg.num_images, inrs_per_image=cfg.inrs_per_image,
-                         steps=cfg.fit_steps, num_points=cfg.num_points, seed=cfg.data_seed,
-                         progress=progress and world()[0] == 0)
+    """The run's dataset, fitted if needed. Under torch.distributed every rank fits: the chunk store splits the
+    chunks between them (gradgraph.data.store)."""
+    return DigitINRs(cfg.dataset_root, num_images=cfg.num_images, inrs_per_image=cfg.inrs_per_image,
+                     steps=cfg.fit_steps, num_points=cfg.num_points, seed=cfg.data_seed,
+                     progress=progress and world()[0] == 0)
 
 
 def build_model(name: str, example_graph) -> nn.Module:
