@@ -74,12 +74,5 @@ def test_a_drawn_symmetry_keeps_the_function(family, seed, batch_size):
     params = dict(model.named_parameters())
     changed = any(not torch.equal(p, params[n]) for n, p in moved.named_parameters())
     assert changed or sym.is_identity()  # a non-identity permutation moves some parameter
-    # negative: undo the permutation of one moved weight only, and the function changes (the check can fail);
-    # judged on 32 inputs, since on a single one a dead unit can hide the change
-    _, probe, _, _ = _case(family, seed, 32, torch.float64)
-    for name, p in moved.named_parameters():
-        if p.dim() >= 2 and not torch.equal(p, params[name]):
-            with torch.no_grad():
-                p.copy_(params[name])
-                assert not torch.allclose(moved(probe), model(probe), rtol=1e-6, atol=1e-6)
-            break
+    # (negative tests, a wrong or partial permutation breaking the function, are per family in
+    # test_graph_symmetry.py: on randomly drawn models a partial undo can be invisible behind dead units)
