@@ -27,6 +27,8 @@ def test_from_pretrained_loads_the_meta_parameters(tmp_path, monkeypatch):
     opt = LearnedOptimizer.from_pretrained("ds", model, lr=0.5)
     assert opt.variant == "ds" and float(opt.meta.log_alpha.detach()) == pytest.approx(-1.234)
     assert opt.param_groups[0]["lr"] == 0.5
+    info = pretrained.checkpoint_info("ds")
+    assert info["alpha"] == pytest.approx(torch.tensor(-1.234).exp().item()) and info["meta_steps"] == 7
     x, y = torch.randn(8, 5), torch.randint(3, (8,))
     before = [p.detach().clone() for p in model.parameters()]
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import UnknownNameError
 from ..io import load_file
 from .variants import VARIANTS, LearnedRule
@@ -39,9 +41,13 @@ def _path(name: str) -> Path:
 
 
 def checkpoint_info(name_or_path: str | Path) -> dict:
-    """What a checkpoint records besides its weights: variant, task, meta-steps, CPU seconds, command."""
+    """What a checkpoint records besides its weights (variant, task, meta-steps, CPU seconds, command, ...) and
+    its learned step sizes ``alpha``, ``mu``, ``beta`` as numbers."""
     payload = _load(name_or_path)
-    return {k: v for k, v in payload.items() if k not in ("state", "hyper")}
+    rule = rule_from_payload(payload)
+    with torch.no_grad():
+        steps = {"alpha": float(rule.alpha), "mu": float(rule.mu), "beta": float(rule.beta)}
+    return {**{k: v for k, v in payload.items() if k not in ("state", "hyper")}, **steps}
 
 
 def _load(name_or_path: str | Path) -> dict:
