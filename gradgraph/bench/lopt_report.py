@@ -111,7 +111,9 @@ def plot(results: dict, path: Path) -> None:
                 loss = torch.tensor([r[key] for r in runs], dtype=torch.float64)
                 mean, std = loss.mean(0), loss.std(0) if len(runs) > 1 else torch.zeros(len(steps))
                 line, = ax.plot(steps, mean, label=name, lw=1.5)
-                ax.fill_between(steps, (mean - std).clamp_min(1e-6), mean + std, alpha=0.2, color=line.get_color())
+                # on a log axis a band below zero would fill the panel: its lower edge stops at a third of the mean
+                ax.fill_between(steps, torch.maximum(mean - std, mean / 3), mean + std, alpha=0.2,
+                                color=line.get_color())
             best = min(min(r[key]) for r in curves["adam"])
             ax.axhline(best, color="k", ls=":", lw=0.8, label=f"lowest {what} loss of any Adam run")
             ax.set(yscale="log", xlabel="training step", ylabel=f"{what} loss (cross-entropy, log scale)",
@@ -119,7 +121,8 @@ def plot(results: dict, path: Path) -> None:
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
     n = len(next(iter(results.values()))["adam"])
-    fig.text(0.5, 0.01, f"mean over {n} seeds; bands: ± one std over seeds", ha="center", fontsize=8)
+    fig.text(0.5, 0.01, f"mean over {n} seeds; bands: ± one std over seeds (lower edge at least a third of the "
+             "mean)", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
