@@ -36,7 +36,7 @@ def test_streams_and_models_are_seeded(name):
     m1, m2 = task.model(0), task.model(0)
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     loss = task.loss(m1, a[0])
-    assert loss.ndim == 0 and 0 < float(loss) < task.max_loss
+    assert loss.ndim == 0 and 0 < float(loss.detach()) < task.max_loss
     assert task.evaluate(m1, "val") > 0 and task.horizon > 0
     with pytest.raises(ValueError, match="split"):
         task.evaluate(m1, "training")
