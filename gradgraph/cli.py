@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, fields, replace
 
 from .bench import BENCHMARKS
-from .errors import ConfigError, GradGraphError
+from .errors import ConfigError, GradGraphError, SampleMixingError, UnsupportedModuleError
 from .registry import load_object
 from .tasks import TASKS
 
@@ -137,12 +137,14 @@ def cmd_inspect(args) -> int:
             targets = model.example_targets(args.batch_size, gen)
         else:
             loss_fn = None
-    report = coverage(model, inputs)
-    if args.coverage or not report.ok:  # a refused model: show every module's status and the reason
-        print(f"coverage of {args.model} ({type(model).__name__}):\n{report}\n")
-        if not report.ok:
-            return 2
-    graph = capture(model, inputs, targets, loss_fn)
+    if args.coverage:
+        print(f"coverage of {args.model} ({type(model).__name__}):\n{coverage(model, inputs)}\n")
+    try:
+        graph = capture(model, inputs, targets, loss_fn)
+    except (UnsupportedModuleError, SampleMixingError):
+        if not args.coverage:  # a refused model: every module's status, and the reason
+            print(f"coverage of {args.model} ({type(model).__name__}):\n{coverage(model, inputs)}\n")
+        return 2
     print(f"model: {args.model} ({type(model).__name__}), batch of {graph.num_samples}, "
           f"{'per-sample loss' if loss_fn else 'sum of outputs'} differentiated\n")
     print(graph.summary())

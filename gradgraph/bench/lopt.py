@@ -116,9 +116,12 @@ class Runner:
 
     def __init__(self, out_dir: Path, steps: int | None, eval_every: int) -> None:
         self.out_dir, self.steps, self.eval_every = out_dir, steps, eval_every
+        self._tasks: dict = {}  # one task object per name: its data (digits, text) is loaded once
 
     def run(self, task_name: str, label: str, setting: str, make_opt, seed: int, split: str = "test") -> dict:
-        task = OPT_TASKS.build(task_name)
+        if task_name not in self._tasks:
+            self._tasks[task_name] = OPT_TASKS.build(task_name)
+        task = self._tasks[task_name]
         steps = self.steps or task.horizon
         key = dict(task=task_name, optimizer=label, setting=setting, seed=seed, steps=steps,
                    eval_every=self.eval_every, split=split)

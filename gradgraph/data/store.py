@@ -162,11 +162,13 @@ class GeneratedDataset(InMemoryDataset):
     def processed_file_names(self) -> list[str]:
         return [f"{self.name}_{self.tag}.pt"]
 
+    # PyG calls _download/_process only for classes that override download/process: these two mark the
+    # dataset as generated-and-merged; the work is in _download (ChunkStore.fill) and _process (the merge)
     def download(self) -> None:
-        """Generate the missing chunks (generated from seeds, never downloaded)."""
+        """Nothing to download: the chunks are generated from seeds (see ``_download``)."""
 
     def process(self) -> None:
-        """Merge the chunks into the processed file."""
+        """See ``_process``: the chunks are merged once, by whichever writer finds them all."""
 
     def _download(self) -> None:
         if self._merged():

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils import parameters_to_vector
 
-from .features import DECAYS, time_features
-from .meta import check_meta_loss
+from .features import DECAYS, TIMESCALES
+from .meta import LOptProblem
 from .tasks import OptTask
 from .variants import DS, LearnedRule
 
@@ -35,17 +35,15 @@ def batchable(rule: LearnedRule) -> bool:
     return not rule.needs_graph and type(rule).learned_term in (LearnedRule.learned_term, DS.learned_term)
 
 
-class BatchedLOptProblem:
-    """The inner runs of ``task`` under ``rule``'s variant, all particles stacked (see the module docstring)."""
+class BatchedLOptProblem(LOptProblem):
+    """The inner runs of ``task`` under ``rule``'s variant, all particles stacked (see the module docstring);
+    the settings, ``theta0`` and ``scalar_mask`` are :class:`LOptProblem`'s."""
 
     def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None, meta_loss: str = "train") -> None:
         if not batchable(rule):
             raise TypeError(f"variant '{rule.variant}' reads the gradient graph or has its own learned_term: use "
                             "LOptProblem (one optimizer per particle)")
-        self.task, self.rule = task, rule
-        self.horizon = horizon or task.horizon
-        self.max_loss = task.max_loss
-        self.meta_loss = check_meta_loss(meta_loss)
+        super().__init__(task, rule, horizon, meta_loss)
         self.template = task.model(seed=0)
         self.names = [n for n, p in self.template.named_parameters() if p.requires_grad]
         shapes = dict(self.template.named_parameters())
@@ -57,13 +55,9 @@ class BatchedLOptProblem:
             self.meta_layout.append((n, p.shape, off))
             off += p.numel()
         self.linears = [f"mlp.{i}" for i, m in enumerate(getattr(rule, "mlp", [])) if isinstance(m, nn.Linear)]
-
-    def theta0(self) -> Tensor:
-        return parameters_to_vector(self.rule.parameters()).detach()
-
-    def scalar_mask(self) -> Tensor:
-        """[D] True on the rule's scalar step sizes (log alpha, logit mu, log beta), in theta0's order."""
-        return torch.cat([torch.full((p.numel(),), p.dim() == 0) for p in self.rule.parameters()])
+        dtype = shapes[self.names[0]].dtype
+        self.decays = torch.tensor(DECAYS, dtype=dtype)[None, :, None]
+        self.timescales = torch.tensor(TIMESCALES, dtype=dtype)
 
     # -- inner runs ---------------------------------------------------------------------------------------
     def _fresh_params(self, run: int) -> Tensor:
@@ -106,7 +100,7 @@ class BatchedLOptProblem:
 
     def _learned_term(self, meta: dict[str, Tensor], g: Tensor) -> Tensor:
         """F [2n, P] of the DS MLP, every particle with its own MLP weights (features as unf_features)."""
-        d = torch.tensor(DECAYS, dtype=g.dtype)[None, :, None]
+        d = self.decays
         self.momenta.mul_(d).add_(g[:, None] * (1 - d))
         values = torch.cat([self.params[:, None], g[:, None], self.momenta], 1).clamp(-1.0, 1.0)  # [2n, 8, P]
         parts = []
@@ -114,7 +108,7 @@ class BatchedLOptProblem:
             parts.append(v / (v.square().mean(2, keepdim=True).sqrt() + EPS))
         values = torch.cat(parts, 2).transpose(1, 2)  # [2n, P, 8]
         nv = values.shape[2]
-        tf = torch.stack([time_features(int(s), g.dtype) for s in self.steps])  # [2n, 11]
+        tf = torch.tanh(self.steps.to(g.dtype)[:, None] / self.timescales - 1)  # [2n, 11], as time_features
         ws = [meta[f"{name}.weight"].transpose(1, 2) for name in self.linears]  # [2n, in, out]
         bs = [meta[f"{name}.bias"][:, None, :] for name in self.linears]
         # the 11 time channels are the same for every entry of a particle: fold them into the first bias
