@@ -105,3 +105,55 @@ def test_bench_lopt_tiny(tmp_path, monkeypatch, capsys):
     assert sorted((tmp_path / "runs").rglob("*.json")) == cached
     with pytest.raises(SystemExit, match="NAME=PATH"):
         main(argv[:4] + ["--rules", "broken"])
+
+
+def _steps(opt, model, x, y, n=3):
+    for _ in range(n):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_warm_started_graph_variant_steps_exactly_like_the_rule_it_started_from():
+    ds = VARIANTS.build("ds")
+    with torch.no_grad():  # a "trained" ds rule: nonzero output layer, other step sizes
+        for p in ds.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    warm = VARIANTS.build("ds+gradmetanet")
+    warm.warm_start(ds)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    base = MLP(5, (7, 6), 3)
+    after = {}
+    for name, rule in (("ds", ds), ("warm", warm), ("cold", VARIANTS.build("ds+gradmetanet"))):
+        model = MLP(5, (7, 6), 3)
+        model.load_state_dict(base.state_dict())
+        after[name] = _steps(LearnedOptimizer(model, variant=rule.variant, meta=rule), model, x, y)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after["ds"], after["warm"]))
+    # negative: without the warm start the graph variant is an untrained rule, another update
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(after["ds"], after["cold"]))
+    with pytest.raises(ValueError, match="mlp.0 is 27->16 here and 19->32 there"):
+        VARIANTS.build("ds+gradmetanet", hidden=(16, 16, 16)).warm_start(ds)
+    with pytest.raises(ValueError, match="another depth"):
+        VARIANTS.build("ds+gradmetanet", hidden=(32, 32)).warm_start(ds)
+
+
+def test_meta_train_init_from_records_the_warm_start(tmp_path, monkeypatch):
+    from gradgraph.cli import main
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    trained = _ship(tmp_path / "shipped", "ds", "ds")
+    argv = ["meta-train", "--variant", "ds+gradmetanet", "--init-from", "ds", "--pairs", "1", "--truncation", "2",
+            "--horizon", "3", "--steps", "0", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    payload = load_file(tmp_path / "run" / "rule.pt", pretrained.KIND)
+    assert payload["init_from"]["variant"] == "ds" and payload["command"].endswith("--init-from ds")
+    rule = pretrained.rule_from_payload(payload)
+    assert float(rule.log_alpha.detach()) == pytest.approx(float(trained.log_alpha.detach()))
+    cold = [a for a in argv if a not in ("--init-from", "ds")]
+    with pytest.raises(ValueError, match="init from ds"):  # the run folder belongs to the warm-started run
+        main(cold)

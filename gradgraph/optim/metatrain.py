@@ -19,6 +19,7 @@ from ..train.distributed import all_sum, is_main, process_group
 from ..train.loop import progress_bar
 from .meta import PES, LOptProblem, PESConfig
 from .particles import BatchedLOptProblem, batchable
+from .pretrained import checkpoint_info, load_rule
 from .tasks import OPT_TASKS
 from .variants import VARIANTS
 
@@ -48,7 +49,8 @@ def command(args, steps: int) -> str:
     horizon = f" --horizon {args.horizon}" if args.horizon else ""
     return (f"gradgraph meta-train --task {args.task} --variant {args.variant} --steps {steps} --pairs {args.pairs} "
             f"--truncation {args.truncation}{horizon} --sigma {args.sigma} --lr {args.lr} --scalar-lr {args.scalar_lr} "
-            f"--seed {args.seed}" + ("" if args.meta_loss == "train" else f" --meta-loss {args.meta_loss}"))
+            f"--seed {args.seed}" + ("" if args.meta_loss == "train" else f" --meta-loss {args.meta_loss}")
+            + (f" --init-from {args.init_from}" if getattr(args, "init_from", None) else ""))
 
 
 def run(args) -> int:
@@ -65,6 +67,9 @@ def _run(args) -> int:
     task = OPT_TASKS.build(args.task)
     torch.manual_seed(args.seed)
     rule = VARIANTS.build(args.variant)
+    init_from = getattr(args, "init_from", None)
+    if init_from:  # theta0 is the warm-started rule (a resumed run overwrites it with its own theta)
+        rule.warm_start(load_rule(init_from))
     ckpt, spent = out / "checkpoint.pt", 0.0
     saved = load_file(ckpt, "pes-checkpoint", remedy="delete the run folder to start over") if ckpt.exists() else None
     # particles in stacked tensors where the variant allows it (measured 2.5-3.4x faster per meta-step); a
@@ -76,15 +81,21 @@ def _run(args) -> int:
                     scalar_lr=args.scalar_lr)
     pes = PES(problem, problem.theta0(), cfg)
     if saved:
-        run_of = (saved["task"], saved["variant"], saved["horizon"], saved.get("meta_loss", "train"))
-        if run_of != (args.task, args.variant, problem.horizon, args.meta_loss):
+        run_of = (saved["task"], saved["variant"], saved["horizon"], saved.get("meta_loss", "train"),
+                  saved.get("init_from"))
+        if run_of != (args.task, args.variant, problem.horizon, args.meta_loss, init_from):
             raise ValueError(f"{ckpt} is a run of {saved['variant']} on {saved['task']} (horizon {saved['horizon']}, "
-                             f"meta-loss {run_of[3]}), not of {args.variant} on {args.task} (horizon "
-                             f"{problem.horizon}, meta-loss {args.meta_loss}); use another --out folder")
+                             f"meta-loss {run_of[3]}, init from {run_of[4]}), not of {args.variant} on {args.task} "
+                             f"(horizon {problem.horizon}, meta-loss {args.meta_loss}, init from {init_from}); use "
+                             "another --out folder")
         pes.load_state_dict(saved["pes"])
         spent = float(saved["process_seconds"])
         if main:
             print(f"resumed {ckpt} at meta-step {pes.meta_step} ({spent / 3600:.2f} core-hours so far)")
+
+    # what the warm start itself cost: part of this rule's meta-training, recorded beside its own steps
+    init_info = ({k: v for k, v in checkpoint_info(init_from).items() if k in ("variant", "meta_steps",
+                 "process_seconds", "command")} if init_from else None)
 
     def save() -> None:
         state = pes.state_dict()  # a collective under torchrun: every rank calls it
@@ -93,10 +104,10 @@ def _run(args) -> int:
         vector_to_parameters(pes.theta.detach().float(), rule.parameters())
         save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": state,
                    "process_seconds": spent, "particles": kind,
-                   "meta_loss": args.meta_loss}, ckpt, "pes-checkpoint")
+                   "meta_loss": args.meta_loss, "init_from": init_from}, ckpt, "pes-checkpoint")
         save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
                    "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
-                   "meta_loss": args.meta_loss,
+                   "meta_loss": args.meta_loss, "init_from": init_info,
                    "process_seconds": spent, "command": command(args, pes.meta_step)}, out / "rule.pt", "lopt-rule")
         save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)")
 

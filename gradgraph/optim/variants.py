@@ -91,6 +91,30 @@ class LearnedRule(nn.Module):
         """F [P] from the DS features [P, 19] and, for graph variants, ``ctx`` (see LearnedOptimizer); None: F = 0."""
         return None
 
+    @torch.no_grad()
+    def warm_start(self, other: "LearnedRule") -> None:
+        """Start from a meta-trained rule of a simpler variant so that this rule computes exactly ``other``'s
+        update: its step sizes; for a DS MLP, ``other``'s MLP with zero weights on the inputs ``other`` does
+        not have (a ds+gradmetanet rule warm-started from ``ds`` *is* that ds rule until PES moves the new
+        columns). Raises ValueError when the MLPs' widths differ."""
+        for name in ("log_alpha", "logit_mu", "log_beta"):
+            getattr(self, name).copy_(getattr(other, name))
+        mine, theirs = getattr(self, "mlp", None), getattr(other, "mlp", None)
+        if theirs is None:
+            return
+        if mine is None or len(mine) != len(theirs):
+            raise ValueError(f"cannot warm-start variant '{self.variant}' from '{other.variant}': "
+                             f"its MLP has another depth ({len(mine or [])} layers against {len(theirs)})")
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if not isinstance(a, nn.Linear):
+                continue
+            if a.out_features != b.out_features or a.in_features < b.in_features or (i and a.in_features != b.in_features):
+                raise ValueError(f"cannot warm-start variant '{self.variant}' from '{other.variant}': layer mlp.{i} "
+                                 f"is {a.in_features}->{a.out_features} here and {b.in_features}->{b.out_features} "
+                                 "there (use the same --hidden widths)")
+            a.weight.zero_()[:, : b.in_features] = b.weight
+            a.bias.copy_(b.bias)
+
 
 @VARIANTS.register("sgdm")
 class SGDM(LearnedRule):
