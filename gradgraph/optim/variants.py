@@ -108,7 +108,8 @@ class LearnedRule(nn.Module):
         for i, (a, b) in enumerate(zip(mine, theirs)):
             if not isinstance(a, nn.Linear):
                 continue
-            if a.out_features != b.out_features or a.in_features < b.in_features or (i and a.in_features != b.in_features):
+            wider_input = a.in_features > b.in_features and i == 0  # only the first layer gains inputs
+            if a.out_features != b.out_features or (a.in_features != b.in_features and not wider_input):
                 raise ValueError(f"cannot warm-start variant '{self.variant}' from '{other.variant}': layer mlp.{i} "
                                  f"is {a.in_features}->{a.out_features} here and {b.in_features}->{b.out_features} "
                                  "there (use the same --hidden widths)")
