@@ -3,7 +3,7 @@
 ``gradgraph train <task>`` is generated from the task's config dataclass (every field an option, with its
 help and default), so a registered task gets its command for free. Listing commands, tasks and benchmarks
 imports no torch (``gradgraph --help`` is fast): a command's module is imported when the command runs, a
-benchmark's options when that benchmark is named.
+benchmark's module when it runs (its options come from the torch-free gradgraph.bench.options).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import typing
 from dataclasses import MISSING, fields, replace
 
 from .bench import BENCHMARKS
+from .bench.options import ARGUMENTS as BENCH_ARGUMENTS
+from .bench.options import threads as threads_option
 from .errors import ConfigError, GradGraphError, SampleMixingError, UnsupportedModuleError
 from .registry import load_object
 from .tasks import TASKS
@@ -211,15 +213,13 @@ def cmd_meta_train(args) -> int:
     return run(args)
 
 
-THREADS_HELP = "torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1: fastest for gradgraph's small ops)"
-
-
-def _threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+def cmd_bench(args) -> int:
+    """Runs the benchmark named ``args.benchmark``: its module (and torch) is imported only now."""
+    return BENCHMARKS.get(args.benchmark).run(args)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The parser; only the benchmark named in ``argv`` (if any) has its options loaded."""
+    """The parser (``argv`` picks the preset whose values ``train TASK --help`` shows as defaults)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="gradgraph", description="Gradient graphs and GradMetaNet metanetworks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,7 +232,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--coverage", action="store_true",
                    help="also print what gradgraph makes of every module (captured, glue, frozen, refused) and each "
                         "neuron space (permutable or fixed, and why); printed anyway when the model is refused")
-    _threads_option(p)
+    threads_option(p)
     p.set_defaults(func=cmd_inspect)
 
     f = sub.add_parser("fisher", help="estimate a model's Fisher diagonal with a trained curvature run",
@@ -242,7 +242,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=32, help="samples whose gradients the estimate sees")
     f.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     f.add_argument("--out", help="also save {name: tensor} here (gradgraph's versioned format)")
-    _threads_option(f)
+    threads_option(f)
     f.set_defaults(func=cmd_fisher)
 
     train = sub.add_parser("train", help="train a metanetwork on a task").add_subparsers(dest="task", required=True)
@@ -277,22 +277,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="one optimizer per particle even where the particles can be stacked (sgdm, ds)")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")
     m.add_argument("--save-every", type=int, default=10, help="meta-steps between checkpoints")
-    _threads_option(m)
+    threads_option(m)
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_meta_train)
 
     bench = sub.add_parser("bench", help="run a benchmark and write its markdown table")
     benches = bench.add_subparsers(dest="benchmark", required=True)
-    wanted = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
-    for name in BENCHMARKS:
-        b = benches.add_parser(name, help=BENCHMARKS.help(name), formatter_class=_Formatter)
-        if name == wanted:  # import the benchmark (and torch) only when it runs
-            module = BENCHMARKS.get(name)
-            b.description = (module.__doc__ or "").strip().split("\n\n")[0]
-            module.add_arguments(b)
-            if "--threads" not in b._option_string_actions:
-                _threads_option(b)
-            b.set_defaults(func=module.run)
+    for name in BENCHMARKS:  # the options come from a torch-free module; the benchmark loads when it runs
+        b = benches.add_parser(name, help=BENCHMARKS.help(name), description=BENCHMARKS.help(name),
+                               formatter_class=_Formatter)
+        BENCH_ARGUMENTS[name](b)
+        b.set_defaults(func=cmd_bench)
     return parser
 
 

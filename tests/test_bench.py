@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from gradgraph.bench import BENCHMARKS
-from gradgraph.cli import build_parser
 from gradgraph.errors import UnknownNameError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gradgraph"
@@ -56,10 +55,28 @@ def test_unknown_benchmark_is_a_clear_error():
         BENCHMARKS.get("nope")
 
 
-def test_the_cli_loads_only_the_named_benchmark():
+def test_the_cli_runs_the_named_benchmark_with_its_own_options(monkeypatch):
+    """Each ``bench NAME`` parser has the options of ``gradgraph.bench.options`` (the same function the module
+    exposes as ``add_arguments``), and running it calls that benchmark's ``run``, not another's."""
+    from gradgraph import cli
+    from gradgraph.bench import options
+
     for name in BENCHMARKS.names():
-        args = build_parser(["bench", name]).parse_args(["bench", name])
-        assert args.benchmark == name and args.func is BENCHMARKS.get(name).run
+        module = BENCHMARKS.get(name)
+        assert module.add_arguments is options.ARGUMENTS[name]
+        called = []
+        monkeypatch.setattr(module, "run", lambda args, name=name, called=called: called.append((name, args.benchmark)))
+        assert cli.main(["bench", name, "--threads", "1"]) is None and called == [(name, name)]
+
+
+def test_the_option_name_lists_match_the_registries():
+    """``gradgraph.bench.options`` keeps torch-free copies of two registries' names: they must stay equal."""
+    from gradgraph.bench import options
+    from gradgraph.bench.engines import ENGINES
+    from gradgraph.optim.tasks import OPT_TASKS
+
+    assert options.ENGINE_NAMES == tuple(ENGINES)
+    assert options.OPT_TASK_NAMES == tuple(OPT_TASKS.names())
 
 
 def test_the_curvature_grid_has_one_bar_over_every_run():

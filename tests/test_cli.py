@@ -40,6 +40,26 @@ def test_help_lists_commands_without_importing_torch():
     assert out.startswith("False") and "'bench'" in out and "'train'" in out
 
 
+def test_every_subcommand_help_imports_no_torch():
+    """``gradgraph X --help`` for every command, task and benchmark prints its options without loading torch
+    (which is what keeps it well under a second); a negative control shows the check sees torch being loaded."""
+    from gradgraph.bench import BENCHMARKS
+    from gradgraph.tasks import TASKS
+
+    commands = [["inspect"], ["fisher"], ["meta-train"]] + [["train", t] for t in TASKS] + \
+        [["bench", b] for b in BENCHMARKS]
+    code = ("import sys, contextlib, io; from gradgraph.cli import main\n"
+            "for argv in {commands!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+            "        main(argv + ['--help'])\n"
+            "    assert '--threads' in out.getvalue(), argv\n"
+            "{extra}print('torch' in sys.modules)")
+    run = lambda extra: subprocess.run([sys.executable, "-c", code.format(commands=commands, extra=extra)],  # noqa: E731
+                                       capture_output=True, text=True, check=True).stdout.strip()
+    assert run("") == "False"
+    assert run("import gradgraph.bench.lopt\n") == "True"  # the check sees a benchmark module's torch
+
+
 def test_train_help_shows_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "curvature", "--help"])

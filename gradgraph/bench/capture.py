@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -86,8 +85,7 @@ from .measure import (
     time_steps,
     worker_main,
 )
-
-DEFAULT_OUTPUT = "benchmarks/results/capture.md"
+from .options import capture as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 
 # -- configurations ------------------------------------------------------------------------------------------
@@ -277,39 +275,6 @@ def run_memory(rows: list[Row], args) -> None:
 
 
 # -- command line --------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("grid")
-    g.add_argument("--models", nargs="+", choices=("mlp", "cnn", "gpt"), default=["mlp", "cnn", "gpt"])
-    g.add_argument("--widths", nargs="+", type=int, default=[256, 1024, 2048],
-                   help="MLP widths (default 256 1024 2048)")
-    g.add_argument("--batches", nargs="+", type=int, default=[32, 128], help="MLP batch sizes (default 32 128)")
-    g.add_argument("--depth", type=int, default=2, help="MLP hidden layers (default 2)")
-    g.add_argument("--ref-batches", nargs="+", type=int, default=[128],
-                   help="batch sizes of the reference CNN and GPT (default 128)")
-    g.add_argument("--cnn", default="{}", metavar="JSON", help='reference CNN arguments, e.g. \'{"image_size": 16}\'')
-    g.add_argument("--gpt", default="{}", metavar="JSON", help='reference GPT arguments, e.g. \'{"d_model": 128}\'')
-    g.add_argument("--tiny", action="store_true", help="a seconds-long smoke grid (MLP 16x2, CNN, GPT; tiny batches)")
-    m = parser.add_argument_group("measurement")
-    m.add_argument("--engines", nargs="+", choices=tuple(ENGINES), default=list(ENGINES))
-    m.add_argument("--device", default="cpu", help="cpu or cuda (every engine on the GPU, CUDA memory stats)")
-    m.add_argument("--repeats", type=int, default=7, help="timed steps per engine (default 7)")
-    m.add_argument("--warmup", type=int, default=2, help="untimed steps before (default 2)")
-    m.add_argument("--budget", type=float, default=20.0,
-                   help="seconds of timed steps per engine and configuration after which it stops at 3 (default 20)")
-    m.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default="subprocess",
-                   help="peak memory: a fresh process per engine (default), this process, or not at all")
-    m.add_argument("--memory-jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="memory worker processes at a time (default: 2, or 1 on one core)")
-    m.add_argument("--max-gb", type=float, default=8.0,
-                   help="skip per-sample-gradient peers whose gradients alone exceed this many GiB (default 8)")
-    m.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip comparing every engine's gradients with the graph's")
-    m.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
-    m.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"markdown file (default {DEFAULT_OUTPUT})")
-
-
 def command_line(args) -> str:
     """``gradgraph bench capture`` with the options of ``args`` that differ from the defaults."""
     parser = argparse.ArgumentParser()

@@ -17,53 +17,14 @@ import time
 from pathlib import Path
 
 from ..io import atomic_write_text
-from ..tasks.curvature import MODELS, CurvatureConfig, CurvatureTask, load_dataset, train_curvature
+from ..tasks.curvature import CurvatureConfig, CurvatureTask, load_dataset, train_curvature
 from ..tasks.curvature_baselines import fit_all, noise_floor
 from ..train.checkpoint import RunDir
 from ..train.loop import on_epoch, progress_bar
 from .curvature_report import plot, report
 from .measure import machine_description, write_report
-
-PRESETS = {
-    # the paper's protocol
-    "paper": dict(num_models=3000, sizes=(10, 30, 100, 300, 1000, 2000), seeds=(0, 1, 2, 3, 4), epochs=100,
-                  patience=None, models=MODELS),
-    # what fits a 2-core CPU machine in a few hours (see the README for what was run)
-    "cpu": dict(num_models=3000, sizes=(10, 100, 500, 2000), seeds=(0, 1, 2), epochs=100, patience=15,
-                models=MODELS),
-    # the main job of `make demo`: a few minutes
-    "demo": dict(num_models=300, sizes=(10, 100), seeds=(0,), epochs=10, patience=None,
-                 models=("gradmetanet", "gmn-average", "neuron-asym")),
-    # for tests: seconds
-    "tiny": dict(num_models=45, num_points=8, sizes=(5,), seeds=(0,), epochs=2, patience=None,
-                 models=("gradmetanet", "gmn-average")),
-}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="grid to run")
-    p.add_argument("--models", nargs="+", choices=MODELS, help="override the preset's models")
-    p.add_argument("--sizes", nargs="+", type=int, help="override the training-set sizes")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
-    p.add_argument("--epochs", type=int, help="override the epochs")
-    p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
-    p.add_argument("--num-models", type=int, help="dataset size")
-    p.add_argument("--output", choices=("positive", "z"), default="positive",
-                   help="the task's output (positive: S * exp(h); z: the paper's)")
-    p.add_argument("--loss", choices=("normalized", "log", "z"), default="normalized", help="training loss")
-    p.add_argument("--select", choices=("nmse", "logratio", "mse"), default="nmse",
-                   help="validation metric for early stopping")
-    p.add_argument("--no-calibrated", dest="calibrated", action="store_false",
-                   help="skip the calibrated baselines (they take about a minute per training size)")
-    p.add_argument("--datasets-dir", help="parent folder of the datasets (default $GRADGRAPH_DATASETS or datasets/)")
-    p.add_argument("--out-dir", help="run folders (default runs/curvature-<preset>: a run folder belongs to one set "
-                   "of settings, so presets do not share one)")
-    p.add_argument("--results", default="benchmarks/results", help="where the table and plot go")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i; start n processes with "
-                   "shards 0/n .. n-1/n to fill a machine or a GPU, then --report-only")
-    p.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+from .options import CURVATURE_PRESETS as PRESETS
+from .options import curvature as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 
 def grid(args) -> dict:

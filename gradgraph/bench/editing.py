@@ -22,41 +22,10 @@ from ..tasks.configs import EDITING_MODELS, EditingConfig
 from ..tasks.editing import EditingTask, load_dataset, reference_metrics, train_editing
 from ..train.checkpoint import RunDir
 from .measure import machine_description, write_report
+from .options import EDITING_PRESETS as PRESETS
+from .options import editing as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 MODELS = tuple(EDITING_MODELS)
-PRESETS = {
-    # the protocol: every model, 3 seeds, up to 100 epochs with early stopping
-    "full": dict(num_images=1797, seeds=(0, 1, 2), epochs=100, patience=15, models=MODELS),
-    # what a shared 2-core CPU session fits (~35 min): 3 seeds, 10 epochs at lr 3e-3, every model but
-    # ws+gradmetanet++ (about 15x slower per epoch than ws+gradmetanet on CPU: its pairwise head is O(P b f))
-    "cpu": dict(num_images=1797, seeds=(0, 1, 2), epochs=10, patience=None, lr=3e-3,
-                models=("ws", "ws+probe", "ws+probe+target", "ws+gradmetanet", "ws+gradmetanet+oce")),
-    # longer training of the main rows, one seed (~30 min on a shared 2-core CPU)
-    "cpu-long": dict(num_images=1797, seeds=(0,), epochs=30, patience=None, lr=3e-3,
-                     models=("ws", "ws+probe+target", "ws+gradmetanet", "ws+gradmetanet+oce")),
-    # for tests: seconds
-    "tiny": dict(num_images=40, fit_steps=100, seeds=(0,), epochs=1, patience=None, models=("ws", "ws+gradmetanet"),
-                 adam_grid={"k": (0, 3), "lr": (1e-3,)}),
-}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="grid to run (default cpu)")
-    p.add_argument("--models", nargs="+", choices=MODELS, help="override the preset's models")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
-    p.add_argument("--epochs", type=int, help="override the epochs")
-    p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
-    p.add_argument("--batch-size", type=int, default=32, help="INRs per step (default 32)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: the preset's, else 1e-3)")
-    p.add_argument("--dataset-root", help="dataset folder (default datasets/digit_inrs)")
-    p.add_argument("--out-dir", default="runs/editing", help="run folders (default runs/editing)")
-    p.add_argument("--results", default="benchmarks/results", help="where the table and plot go")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:k] (default cpu)")
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i (default 0/1)")
-    p.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def grid(args) -> dict:
     cfg = dict(PRESETS[args.preset])
     for key in ("models", "seeds", "epochs", "patience", "lr"):

@@ -32,37 +32,11 @@ from ..threads import set_threads
 from ..train.loop import progress_bar
 from .lopt_report import plot, report
 from .measure import machine_description, write_report
+from .options import LOPT_PRESETS as PRESETS
+from .options import lopt as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 EVAL_SEED, TUNE_SEED = 100_000, 200_000
 LR_GRID = tuple(round(0.0005 * j, 4) for j in range(1, 21))
-PRESETS = {
-    # digits-mlp and its width transfer, 5 seeds (~10 min with ds and sgdm on a 2-core CPU)
-    "cpu": dict(tasks=("digits-mlp", "digits-mlp-w64"), seeds=5, tune_seeds=2, steps=None, eval_every=20),
-    # adds the text task (the generalisation row; ~1 h on CPU)
-    "full": dict(tasks=("digits-mlp", "digits-mlp-w64", "text-gpt"), seeds=5, tune_seeds=2, steps=None,
-                 eval_every=20),
-    # for tests: seconds
-    "tiny": dict(tasks=("digits-mlp",), seeds=2, tune_seeds=1, steps=30, eval_every=10, lr_grid=(0.002, 0.01)),
-}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="tasks, seeds and sizes (default cpu)")
-    p.add_argument("--tasks", nargs="+", choices=OPT_TASKS.names(), help="override the preset's tasks")
-    p.add_argument("--optimizers", nargs="+", help="learned optimizers to compare with Adam (default: every "
-                   "shipped checkpoint and every --rules name)")
-    p.add_argument("--rules", nargs="+", default=[], metavar="NAME=PATH",
-                   help="evaluate a meta-train run's rule.pt under NAME (e.g. ds-run=runs/meta/ds/rule.pt)")
-    p.add_argument("--seeds", type=int, help="evaluation seeds per optimizer (default: the preset's)")
-    p.add_argument("--steps", type=int, help="training steps per run (default: the task's horizon)")
-    p.add_argument("--eval-every", type=int, help="steps between test evaluations (default: the preset's)")
-    p.add_argument("--out-dir", default="runs/lopt", help="cache of finished runs (default runs/lopt)")
-    p.add_argument("--results", default="benchmarks/results/lopt", help="where the table and plot go")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def _rules(args) -> dict[str, str]:
     """{name: checkpoint name or rule.pt path} of the learned optimizers to compare."""
     rules = {}

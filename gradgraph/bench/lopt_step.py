@@ -26,22 +26,8 @@ from ..optim import VARIANTS, LearnedOptimizer
 from ..optim.variants import DSGradMetaNet
 from ..threads import set_threads
 from .measure import machine_description, time_steps
-
-OPTIMIZERS = ("adam", "sgdm", "ds", "ds+gradmetanet")
-SIZES = {"digits": (64, (32,), 10), "w1024": (784, (1024, 1024), 10)}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
-    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--inner", type=int, default=5, help="steps per timed sample (default 5)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (small model, 1 repeat)")
-    p.add_argument("--output", default="benchmarks/results/lopt_step.md")
+from .options import LOPT_STEP_SIZES as SIZES
+from .options import lopt_step as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 
 def _flops(model, b: int, variant: str) -> float:

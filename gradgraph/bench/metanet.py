@@ -13,7 +13,6 @@ them, O(P b)); GradMetaNet works on the (a, g) entries, O(E f^2), and never buil
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -29,8 +28,8 @@ from ..io import atomic_write_text
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..nn.baselines import WeightSpaceGMN
 from .measure import frozen_heap, machine_description, run_worker, step_peak, time_steps, worker_main
-
-MODELS = ("gradmetanet", "gradmetanet++", "gmn-concat")
+from .options import METANET_MODELS as MODELS
+from .options import metanet as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 
 @dataclass(frozen=True)
@@ -102,24 +101,6 @@ def sweeps(args) -> dict[str, list[Setting]]:
     sizes = args.set_sizes or [16, 64, 256, 1024]
     return {"width": [Setting(w, args.fixed_set_size) for w in widths],
             "set size": [Setting(args.fixed_width, b) for b in sizes]}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--widths", nargs="+", type=int, help="hidden widths of the base MLP (default 32..256)")
-    p.add_argument("--set-sizes", nargs="+", type=int, help="set sizes b (default 16..1024)")
-    p.add_argument("--fixed-width", type=int, default=64, help="width in the set-size sweep (default 64)")
-    p.add_argument("--fixed-set-size", type=int, default=128, help="set size in the width sweep (default 128)")
-    p.add_argument("--hidden", type=int, default=32, help="metanetwork width f (default 32)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default="subprocess")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int,
-                   help="torch threads (default: $OMP_NUM_THREADS if set, else 1; see gradgraph.threads)")
-    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke grid")
-    p.add_argument("--output", default="benchmarks/results/metanet.md")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:
