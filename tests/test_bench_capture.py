@@ -21,10 +21,17 @@ CONFIGS = {
     "mlp": bench.Config("mlp", 3, width=5, depth=2),
     "cnn": bench.Config("cnn", 3),
     "gpt": bench.Config("gpt", 2, kwargs=(("block_size", 6), ("d_model", 8), ("n_heads", 2))),
+    "hf-gpt2": bench.Config("hf-gpt2", 2, kwargs=(("vocab_size", 40), ("block_size", 6), ("d_model", 8),
+                                                  ("n_head", 2))),
+    "hf-resnet": bench.Config("hf-resnet", 2, kwargs=(("image_size", 16), ("hidden_sizes", (8, 16)), ("depths", (1, 1)),
+                                                      ("embedding_size", 8))),
 }
 
-
-SUPPORTED = [(f, e) for f in sorted(CONFIGS) for e in ENGINES if (f, e) != ("gpt", "backpack")]
+# (family, engine) pairs that do not run or do not compute the per-sample gradients, and why
+UNSUPPORTED = {("gpt", "backpack"): "no LayerNorm extension", ("hf-gpt2", "backpack"): "no Conv1D extension",
+               ("hf-gpt2", "opacus"): "wrong position-embedding gradients (HF's position_ids are [1, T])",
+               ("hf-resnet", "opacus"): "refuses BatchNorm", ("hf-resnet", "backpack"): "fails in its backward hook"}
+SUPPORTED = [(f, e) for f in sorted(CONFIGS) for e in ENGINES if (f, e) not in UNSUPPORTED]
 
 
 def test_unsupported_engine_is_reported_with_its_reason():
@@ -33,6 +40,18 @@ def test_unsupported_engine_is_reported_with_its_reason():
     reason = ENGINES.get("backpack").unsupported(model)
     assert reason is not None and "LayerNorm" in reason
     assert all(ENGINES.get(e).unsupported(CONFIGS[f].build(dtype=torch.float64)[0]) is None for f, e in SUPPORTED)
+
+
+def test_opacus_on_hf_gpt2_is_flagged_as_wrong():
+    """Opacus runs on Hugging Face's GPT-2 but its position-embedding gradients are not per-sample (HF passes
+    position ids of shape [1, T]); the agreement check measures the difference and the table says so."""
+    diff = bench.agreement(CONFIGS["hf-gpt2"], ["gradgraph", "opacus"], "cpu", dtype=torch.float64)
+    assert diff["gradgraph"] == 0.0 and isinstance(diff["opacus"], float) and diff["opacus"] > 0.1
+    row = _row(CONFIGS["hf-gpt2"], {"plain": 2, "gradgraph": 3, "opacus": 4}, {"plain": 1, "gradgraph": 2, "opacus": 3},
+               diff={"gradgraph": 0.0, "opacus": diff["opacus"]})
+    table = "\n".join(capture_report.main_table([row], ["plain", "gradgraph", "opacus"]))
+    assert [ln for ln in table.splitlines() if "Opacus" in ln][0].count("**wrong gradients**") == 1
+    assert "wrong" not in [ln for ln in table.splitlines() if "gradgraph.capture" in ln][0]
 
 
 @pytest.mark.parametrize("family,engine", SUPPORTED)

@@ -74,6 +74,7 @@ import gradgraph
 
 from ..io import atomic_write_text
 from ..models import CNN, GPT, MLP
+from ..models.hf import HFGPT2, HFResNet
 from .capture_report import Memory, Row, report
 from .engines import ENGINES, engine_grads, prepare, quiet
 from .measure import (
@@ -87,13 +88,16 @@ from .measure import (
 )
 from .options import capture as add_arguments  # noqa: F401 (the benchmark's entry point)
 
+# the model families besides the MLP grid: the reference models and two Hugging Face ones (transformers)
+FAMILIES = {"cnn": CNN, "gpt": GPT, "hf-gpt2": HFGPT2, "hf-resnet": HFResNet}
+
 
 # -- configurations ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
     """One model and batch size. ``family`` is ``mlp`` (``width``, ``depth`` hidden layers of that width,
-    ``width`` inputs and 10 classes), ``cnn`` or ``gpt`` (the reference models, with ``kwargs`` overriding
-    their defaults)."""
+    ``width`` inputs and 10 classes), ``cnn`` or ``gpt`` (the reference models) or ``hf-gpt2`` or ``hf-resnet``
+    (Hugging Face models, :mod:`gradgraph.models.hf`), with ``kwargs`` overriding the model's defaults."""
 
     family: str
     batch: int
@@ -106,6 +110,8 @@ class Config:
         if self.family == "mlp":
             return f"MLP {self.width}x{self.depth}"
         extra = ", ".join(f"{k}={v}" for k, v in self.kwargs)
+        if self.family.startswith("hf-"):  # "HF GPT2", "HF ResNet"
+            return f"HF {FAMILIES[self.family].__name__[2:]}{f' ({extra})' if extra else ''}"
         return f"{self.family.upper()} (reference{', ' + extra if extra else ''})"
 
     def build(self, seed: int = 0, device: str = "cpu", dtype=torch.float32):
@@ -113,10 +119,10 @@ class Config:
         torch.manual_seed(seed)
         if self.family == "mlp":
             model = MLP(self.width, (self.width,) * self.depth, 10)
-        elif self.family in ("cnn", "gpt"):
-            model = {"cnn": CNN, "gpt": GPT}[self.family](**dict(self.kwargs))
+        elif self.family in FAMILIES:
+            model = FAMILIES[self.family](**dict(self.kwargs))
         else:
-            raise ValueError(f"unknown model family {self.family!r}: use mlp, cnn or gpt")
+            raise ValueError(f"unknown model family {self.family!r}: use mlp or one of {', '.join(FAMILIES)}")
         gen = torch.Generator().manual_seed(seed)
         x, y = model.example_inputs(self.batch, gen), model.example_targets(self.batch, gen)
         model = model.to(device=device, dtype=dtype).train()
@@ -215,6 +221,9 @@ def grid(args) -> list[Config]:
     for family, kw in (("cnn", args.cnn), ("gpt", args.gpt)):
         if family in args.models:
             configs += [Config(family, b, kwargs=tuple(json.loads(kw).items())) for b in args.ref_batches]
+    for family, kw in (("hf-gpt2", args.hf_gpt2), ("hf-resnet", args.hf_resnet)):
+        if family in args.models:
+            configs += [Config(family, b, kwargs=tuple(json.loads(kw).items())) for b in args.hf_batches]
     return configs
 
 

@@ -82,6 +82,9 @@ REPR_COLUMNS = ["model", "batch", "feature bytes", "per-sample grad bytes", "rat
                 "ratio / theory", "theory per layer", "all graph tensors"]
 
 
+WRONG = 1e-3  # a float32 engine further than this from the graph's gradients computes something else
+
+
 def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
     align = ["---" if c in ("model", "engine", "note", "fastest peer", "theory per layer") else "---:"
              for c in columns]
@@ -100,6 +103,8 @@ def main_table(rows: list[Row], engines: list[str]) -> list[str]:
             if not note and e in row.times and len(row.times[e]) < row.repeats:
                 note = f"{len(row.times[e])} timed steps (--budget)"
             diff = "ref" if e == "gradgraph" and e in row.diff else row.diff.get(e)
+            if isinstance(diff, float) and diff > WRONG:
+                note = "; ".join(filter(None, ["**wrong gradients**", note]))
             out.append([row.config.label, str(row.config.batch), f"{row.params:,}", ENGINES.get(e).title, _fmt(t),
                         _ratio(t, t0), _fmt(m), _ratio(m, m0), diff if isinstance(diff, str) else "-" if diff is None
                         else f"{diff:.1e}", note])
@@ -147,7 +152,8 @@ def report(rows: list[Row], engines: list[str], machine: str, command: str) -> s
              "extra memory of one step above the prepared model and data (see `gradgraph.bench.capture`). "
              "Ratios are to plain forward + backward of the same configuration. `max rel. diff`: largest "
              "difference of the engine's gradients from the graph's reconstruction (`graph.per_sample_grads()`; "
-             "plain: `.grad` vs `graph.grads()`), relative to the largest gradient, on the first 4 samples.")
+             "plain: `.grad` vs `graph.grads()`), relative to the largest gradient, on the first 4 samples; above "
+             f"{WRONG:g} the note says **wrong gradients** (the graph's are checked against torch.func in the tests).")
     targets = ("capture time / plain: target <= 1.2x. Peer / capture: how many times slower (more memory) the "
                "fastest per-sample-gradient peer is; target >= 5x (time) and >= 10x (memory) at width >= 1024, "
                "batch 128.")

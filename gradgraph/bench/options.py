@@ -21,6 +21,7 @@ ENGINE_NAMES = ("plain", "gradgraph", "vmap", "opacus", "backpack")
 OPT_TASK_NAMES = ("digits-mlp", "digits-mlp-w64", "text-gpt")
 
 CAPTURE_OUTPUT = "benchmarks/results/capture.md"
+CAPTURE_MODELS = ("mlp", "cnn", "gpt", "hf-gpt2", "hf-resnet")
 CURVATURE_MODEL_NAMES = tuple(CURVATURE_MODELS)
 EDITING_MODEL_NAMES = tuple(EDITING_MODELS)
 LOPT_STEP_OPTIMIZERS = ("adam", "sgdm", "ds", "ds+gradmetanet")
@@ -75,7 +76,9 @@ def threads(parser: argparse.ArgumentParser) -> None:
 
 def capture(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("grid")
-    g.add_argument("--models", nargs="+", choices=("mlp", "cnn", "gpt"), default=["mlp", "cnn", "gpt"])
+    g.add_argument("--models", nargs="+", choices=CAPTURE_MODELS, default=list(CAPTURE_MODELS),
+                   help="mlp: the width x batch grid; cnn, gpt: gradgraph's reference models; hf-gpt2, hf-resnet: "
+                        "Hugging Face GPT2LMHeadModel and ResNetForImageClassification from random configs")
     g.add_argument("--widths", nargs="+", type=int, default=[256, 1024, 2048],
                    help="MLP widths (default 256 1024 2048)")
     g.add_argument("--batches", nargs="+", type=int, default=[32, 128], help="MLP batch sizes (default 32 128)")
@@ -84,6 +87,12 @@ def capture(parser: argparse.ArgumentParser) -> None:
                    help="batch sizes of the reference CNN and GPT (default 128)")
     g.add_argument("--cnn", default="{}", metavar="JSON", help='reference CNN arguments, e.g. \'{"image_size": 16}\'')
     g.add_argument("--gpt", default="{}", metavar="JSON", help='reference GPT arguments, e.g. \'{"d_model": 128}\'')
+    g.add_argument("--hf-batches", nargs="+", type=int, default=[8], help="batch sizes of the Hugging Face models")
+    g.add_argument("--hf-gpt2", default="{}", metavar="JSON",
+                   help='HF GPT-2 arguments (default: 2 blocks, width 256, sequence 128), e.g. \'{"n_layer": 4}\'')
+    g.add_argument("--hf-resnet", default="{}", metavar="JSON",
+                   help="HF ResNet arguments (default: ResNet-18's layout at 64x64 pixels), e.g. "
+                        "'{\"image_size\": 32}'")
     g.add_argument("--tiny", action="store_true", help="a seconds-long smoke grid (MLP 16x2, CNN, GPT; tiny batches)")
     m = parser.add_argument_group("measurement")
     m.add_argument("--engines", nargs="+", choices=ENGINE_NAMES, default=list(ENGINE_NAMES))
