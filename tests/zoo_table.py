@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases  # noqa: E402
 import test_zoo as zoo  # noqa: E402
 import test_zoo_bare as bare  # noqa: E402
+import test_zoo_decoder as dec  # noqa: E402
 import test_zoo_norms as norms  # noqa: E402
 import test_zoo_recurrent as rec  # noqa: E402
 
@@ -74,6 +75,8 @@ ROWS = [
      "and_temperature", lambda: (bare.TinyViT().double().eval(), _img(4))),
     ("`nn.TransformerEncoder`", "encoder layers (pre/post norm), `nn.MultiheadAttention`", "",
      "test_capture_api.py (tests/cases.py transformer_encoder)", _encoder),
+    ("`nn.TransformerDecoder` (with an encoder)", "causal self-attention, cross-attention to the encoder's memory "
+     "(pre/post norm)", "", "test_zoo_decoder.py::test_transformer_decoder", lambda: dec.decoder()[:2]),
     ("`nn.LSTM` (2 layers)", "unrolled over time: one op per weight and step (weight sharing)",
      "hidden units permute, all gate blocks alike; bidirectional, proj_size, packed sequences refused",
      "test_zoo_recurrent.py", lambda: (rec.Seq(nn.LSTM, num_layers=2).double().eval(), torch.randn(2, 5, 3, dtype=D))),
