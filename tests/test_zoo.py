@@ -150,3 +150,53 @@ def test_hf_bert_masked_lm():
     assert uses == ["bert.embeddings.word_embeddings", "cls.predictions.decoder"]
     heads = [s for s in g.spec.spaces if s.heads == 2]
     assert heads and all(s.heads_permutable for s in heads)
+
+
+def llama(attn: str = "sdpa"):
+    cfg = transformers.LlamaConfig(vocab_size=13, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8,
+                                   use_cache=False, attn_implementation=attn, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_llama_rotary(attn):
+    """Llama: rotary position embeddings, RMSNorm, SwiGLU, no biases. Exact per-sample gradients. Rotary
+    multiplies q and k by cos/sin tables that differ across the head dimensions, so the q/k spaces are fixed
+    (the rotation pairs dimension i with i + d/2, each pair at its own frequency) and so are the heads; the
+    residual stream and the SwiGLU hidden units still permute. The symmetry keeps the output only to float32
+    rounding (~1e-7 relative): LlamaRMSNorm computes in float32 whatever the model's dtype."""
+    m = llama(attn)
+    x, y = _batch(13)
+    g = gradgraph.capture(m, x, y, lm_loss)
+    assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, lm_loss), rtol=1e-9)
+    assert_tensors_close(g.grads(), oracle.grads(m, x, y, lm_loss), rtol=1e-9)
+    spaces = {s.key: s for s in g.spec.spaces}
+    for k in range(2):
+        q = spaces[f"model.layers.{k}.self_attn.q_proj.out"]
+        assert not q.permutable and "per-neuron constant" in q.reason  # the rotary tables
+        assert spaces[f"model.layers.{k}.mlp.gate_proj.out"].permutable
+    assert spaces["model.embed_tokens.out"].permutable
+    s = _moving_symmetry(m, x)
+    moved = gradgraph.apply_symmetry(m, s)
+    torch.testing.assert_close(_logits(moved(x)), _logits(m(x)), rtol=1e-6, atol=1e-7)
+    g2 = gradgraph.capture(moved, x, y, lm_loss)
+    torch.testing.assert_close(g2.entry_x, gradgraph.apply_symmetry(g, s).entry_x, rtol=1e-5,
+                               atol=1e-6 * float(g.entry_x.abs().max()))
+    net = GradMetaNet(8, 2, "node", 2).double()
+    assert torch.isfinite(net(g)).all()
+
+
+def test_hf_llama_permuting_rotated_dimensions_changes_the_function():
+    """Negative: the permutation gradgraph refuses (two query and key dimensions of one head swapped alike,
+    which would keep q.k without rotary) changes the output beyond the tolerance the symmetry above meets."""
+    m = llama()
+    x, _ = _batch(13)
+    moved = gradgraph.apply_symmetry(m, _moving_symmetry(m, x))
+    swap = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])
+    with torch.no_grad():
+        for proj in ("q_proj", "k_proj"):
+            w = getattr(moved.model.layers[0].self_attn, proj).weight
+            w.copy_(w[swap])
+    assert not torch.allclose(_logits(moved(x)), _logits(m(x)), rtol=1e-6, atol=1e-7)

@@ -58,6 +58,10 @@ ROWS = [
     ("HF `GPT2LMHeadModel` (tied and untied)", "`Conv1D` (transposed linear), packed q/k/v cut by `split`, "
      "tied `wte`/`lm_head`, `position_ids` [1, T]", "heads permute with q/k/v", "test_zoo.py::test_hf_gpt2",
      lambda: (zoo.gpt2(True), zoo._batch(13)[0])),
+    ("HF `LlamaForCausalLM` (sdpa and eager)", "rotary position embeddings, hand-written RMSNorm (computed in "
+     "float32), SwiGLU", "rotated q/k dimensions and the heads are fixed (cos/sin differ across head dimensions); "
+     "symmetries keep the output to float32 rounding", "test_zoo.py::test_hf_llama_rotary",
+     lambda: (zoo.llama(), zoo._batch(13)[0])),
     ("HF `BertForMaskedLM`", "separate q/k/v, token types, decoder tied to the word embeddings", "",
      "test_zoo.py::test_hf_bert_masked_lm", lambda: (zoo.bert(), zoo._batch(13)[0])),
     ("HF `ViTForImageClassification`", "patch conv, bare `cls_token` and `position_embeddings`", "",
