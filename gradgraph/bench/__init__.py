@@ -34,6 +34,9 @@ BENCHMARKS.register("lopt-step", "gradgraph.bench:lopt_step",
 BENCHMARKS.register("metanet", "gradgraph.bench:metanet",
                     help="Metanetwork cost: GradMetaNet (and GradMetaNet++) against the weight-space baseline on "
                          "per-sample gradients.")
+BENCHMARKS.register("norms", "gradgraph.bench:norms",
+                    help="Per-sample gradient norms: gradgraph from (a, g) against Opacus's ghost clipping and "
+                         "torch.func.")
 
 
 def __getattr__(name: str):

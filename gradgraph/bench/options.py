@@ -27,6 +27,7 @@ EDITING_MODEL_NAMES = tuple(EDITING_MODELS)
 LOPT_STEP_OPTIMIZERS = ("adam", "sgdm", "ds", "ds+gradmetanet")
 LOPT_STEP_SIZES = {"digits": (64, (32,), 10), "w1024": (784, (1024, 1024), 10)}
 METANET_MODELS = ("gradmetanet", "gradmetanet++", "gmn-concat")
+NORMS_ENGINES = ("plain", "gradgraph", "opacus-ghost", "vmap")
 
 CURVATURE_PRESETS = {
     # the paper's protocol
@@ -204,6 +205,22 @@ def metanet(p: argparse.ArgumentParser) -> None:
     threads(p)
 
 
+def norms(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--widths", nargs="+", type=int, default=[256, 1024], help="MLP widths (2 hidden layers)")
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 128], help="MLP batch sizes")
+    p.add_argument("--models", nargs="+", choices=CAPTURE_MODELS[1:], default=["cnn", "gpt", "hf-gpt2"],
+                   help="other models of `gradgraph bench capture` (at their default sizes)")
+    p.add_argument("--model-batches", nargs="+", type=int, default=[8], help="batch sizes of those models")
+    p.add_argument("--engines", nargs="+", choices=NORMS_ENGINES, default=list(NORMS_ENGINES))
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per engine")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per engine, then it stops at 3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a seconds-long smoke grid")
+    p.add_argument("--output", default="benchmarks/results/norms.md", help="markdown file")
+    threads(p)
+
+
 # benchmark name -> the function that adds its options to a parser
 ARGUMENTS = {"capture": capture, "curvature": curvature, "editing": editing, "lopt": lopt, "lopt-step": lopt_step,
-             "metanet": metanet}
+             "metanet": metanet, "norms": norms}
