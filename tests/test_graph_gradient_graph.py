@@ -195,6 +195,63 @@ def test_graphs_of_one_structure_share_index_tensors_but_not_features(family):
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
 
 
+def _other_inputs(c):
+    if c.name == "gpt":
+        return torch.randint(c.model.vocab_size, c.inputs.shape, generator=torch.Generator().manual_seed(7))
+    return torch.randn(c.inputs.shape, generator=torch.Generator().manual_seed(7), dtype=c.inputs.dtype)
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt"])
+def test_a_dropped_graphs_buffers_are_reused_and_a_live_ones_never(family):
+    """The feature buffers of a graph nobody holds any more are written again by the next capture (no fresh
+    pages to fault in), with the same values a fresh buffer gets; a graph that is alive, or whose entry_x or
+    entry_node survives as a view or a numpy array, keeps its own values."""
+    c = make(family, 0)
+    other = _other_inputs(c)
+    fresh = gradgraph.capture(c.model, other, c.targets, c.loss_fn)
+    want_x, want_node = fresh.entry_x.clone(), fresh.entry_node.clone()
+    ptr = fresh.entry_x.data_ptr()
+    del fresh
+    again = gradgraph.capture(c.model, other, c.targets, c.loss_fn)
+    assert again.entry_x.data_ptr() == ptr  # reused
+    torch.testing.assert_close(again.entry_x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(again.entry_node, want_node, rtol=0, atol=0)
+    # alive: the graph itself, a slice of its features, a numpy view of its token nodes
+    kept_x, kept_node = again.entry_x.clone(), again.entry_node.clone()
+    for hold in ("graph", "slice", "numpy"):
+        held = {"graph": lambda g: g, "slice": lambda g: (g.entry_x[:, 1], g.entry_node[1:]),
+                "numpy": lambda g: (g.entry_x.numpy(), g.entry_node.numpy())}[hold](again)
+        del again
+        new = gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn)
+        assert new.entry_x.data_ptr() != ptr, hold
+        x_now, node_now = ((held.entry_x, held.entry_node) if hold == "graph" else
+                           (torch.as_tensor(held[0]), torch.as_tensor(held[1])))
+        torch.testing.assert_close(x_now, kept_x[:, 1] if hold == "slice" else kept_x, rtol=0, atol=0)
+        torch.testing.assert_close(node_now, kept_node[1:] if hold == "slice" else kept_node, rtol=0, atol=0)
+        del new
+        again = gradgraph.capture(c.model, other, c.targets, c.loss_fn)
+        ptr = again.entry_x.data_ptr()
+        del held
+
+
+def test_captures_in_threads_never_share_a_buffer():
+    """Threads capturing copies of one model at once (copies share one spec, and so its cached buffers) each
+    get a graph with its own, correct features."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = make("gpt", 0)
+    inputs = [_other_inputs(c) if k % 2 else c.inputs for k in range(8)]
+    want = [gradgraph.capture(c.model, x, c.targets, c.loss_fn).entry_x.clone() for x in inputs[:2]]
+    models = [copy.deepcopy(c.model) for _ in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        graphs = list(pool.map(lambda mx: gradgraph.capture(mx[0], mx[1], c.targets, c.loss_fn), zip(models, inputs)))
+    assert len({id(g.spec) for g in graphs}) == 1
+    assert len({g.entry_x.data_ptr() for g in graphs}) == len(graphs)
+    for k, g in enumerate(graphs):
+        torch.testing.assert_close(g.entry_x, want[k % 2], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["mlp", "cnn", "gpt"])
 def test_to_dict_round_trips(family, tmp_path):
     """Plain data: the features and spec.to_dict() (no gradgraph classes), read back with weights_only=True."""

@@ -42,7 +42,8 @@ CUDA every step is bracketed by ``torch.cuda.synchronize()``.
 * gradgraph is measured in the steady state of repeated captures, like every engine: the entry index
   tensors that depend only on the architecture and the batch shape are cached on the graph's spec by the
   warm-up capture, so the peak counts the features and the transient memory, not those indices (their size
-  is in the report's "all graph tensors" column).
+  is in the report's "all graph tensors" column). The feature buffers a dropped graph leaves for the next
+  capture to reuse are released before the measured step, so its peak counts them.
 
 For MLPs the representation itself is reported too: the graph's feature bytes (``entry_x``), the bytes of
 per-sample gradients of every parameter (b x P values) and the theoretical ratio (d_in + d_out) / (d_in d_out)
@@ -72,6 +73,7 @@ from tqdm.auto import tqdm
 
 import gradgraph
 
+from ..graph.build import release_buffers
 from ..io import atomic_write_text
 from ..models import CNN, GPT, MLP
 from ..models.hf import HFGPT2, HFResNet
@@ -181,6 +183,7 @@ def measure_peak(config: Config, engine: str, device: str = "cpu", seed: int = 0
         step = prepare(engine, model, loss_fn)
         del model
         step(x, y)  # warm-up: lazy initializations, hooks, caches; freed before measuring
+        release_buffers()  # gradgraph reuses a dropped graph's feature buffers: count them as the step's
         return Memory(*step_peak(lambda: step(x, y), device))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import threading
 import weakref
 from collections import defaultdict
 
@@ -173,6 +174,39 @@ def entry_index(spec: GraphSpec, device) -> tuple[torch.Tensor, torch.Tensor, to
     return cache[key]
 
 
+_BUFFER_LOCK = threading.Lock()
+
+
+def _reusable_buffer(spec: GraphSpec, name: str, shape: tuple[int, ...], dtype, device) -> tuple[torch.Tensor, bool]:
+    """A buffer for a per-capture tensor of ``spec``, and whether it is the one an earlier capture used.
+
+    Why: a large capture's ``entry_x`` (117 MB for a 2-block GPT-2 at batch 8 x 128 tokens) is a fresh
+    allocation each time, and the kernel's page faults on first touch cost about as much as writing it. So the
+    spec keeps the last buffer and hands it out again, but only when nothing else refers to its memory: the
+    graph gets a *view* of the cached tensor, so while that graph, its ``entry_x`` or any view of it (a slice,
+    a numpy array) is alive the storage has more than the cache's one user and a new buffer is allocated.
+    The check and the claim happen under one lock, so threads capturing at once never share a buffer."""
+    cache = spec.__dict__.setdefault("_buffers", {})
+    key = (name, str(device), dtype, shape)
+    with _BUFFER_LOCK:
+        buf = cache.get(key)
+        # 2: the cached tensor, plus the temporary storage object of this very call
+        reused = buf is not None and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2
+        if not reused:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            cache[key] = buf
+        return buf.view(shape), reused
+
+
+def release_buffers() -> None:
+    """Drop the feature buffers every spec keeps for reuse (see :func:`_reusable_buffer`): the memory goes back
+    once no graph uses it, and the next capture allocates afresh (the capture benchmark's memory measurement
+    calls this, so that a step's peak counts the graph's features)."""
+    with _BUFFER_LOCK:
+        for spec in list(_SPECS.values()):
+            spec.__dict__.pop("_buffers", None)
+
+
 def _interleave(out: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
     """``out[..., 0] = a; out[..., 1] = g`` in one pass (out [M, n, 2] contiguous, a and g [M, n], any strides).
     For float32/64 the pair is written as one complex number (``torch.complex`` into a complex view of ``out``):
@@ -198,7 +232,7 @@ def build_graph(rec: CaptureRecords):
     dtype = rec.dtype or torch.get_default_dtype()
     device = next((s.a.device for s, _ in layer_sites if s is not None), None)
     entry_mask, entry_node, entry_elem = entry_index(spec, device)
-    entry_x = torch.empty(spec.num_entries, 2, dtype=dtype, device=device)
+    entry_x, _ = _reusable_buffer(spec, "entry_x", (spec.num_entries, 2), dtype, device)
     zero = torch.zeros((), dtype=dtype, device=device)
     node_copied = False
     for layer, (s, o) in zip(spec.layers, layer_sites):
@@ -212,9 +246,11 @@ def build_graph(rec: CaptureRecords):
             rows = slice(blk.start, blk.start + blk.count)
             if blk.kind == "onehot":  # a = 1 on the token's node, no g
                 entry_x[rows, 0], entry_x[rows, 1] = 1, 0
-                if not node_copied:
-                    entry_node, node_copied = entry_node.clone(), True
-                entry_node[rows] += a.reshape(-1).to(device)
+                if not node_copied:  # this capture's own copy (rewritten whole: a user may have edited the last)
+                    base, node_copied = entry_node, True
+                    entry_node = _reusable_buffer(spec, "entry_node", tuple(base.shape), base.dtype, device)[0]
+                    entry_node.copy_(base)
+                torch.add(base[rows], a.reshape(-1).to(device), out=entry_node[rows])
                 continue
             # element-major, as in entry_index; a missing a or g is a broadcast zero
             av, gv = (zero.expand(M, n) if t is None else t.reshape(M, n).to(device=device, dtype=dtype)
