@@ -163,10 +163,12 @@ def llama(attn: str = "sdpa"):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_hf_llama_rotary(attn):
     """Llama: rotary position embeddings, RMSNorm, SwiGLU, no biases. Exact per-sample gradients. Rotary
-    multiplies q and k by cos/sin tables that differ across the head dimensions, so the q/k spaces are fixed
-    (the rotation pairs dimension i with i + d/2, each pair at its own frequency) and so are the heads; the
-    residual stream and the SwiGLU hidden units still permute. The symmetry keeps the output only to float32
-    rounding (~1e-7 relative): LlamaRMSNorm computes in float32 whatever the model's dtype."""
+    multiplies q and k by cos/sin tables that differ across the dims of a head but are the same for every head,
+    and rebuilds each head from its two halves (``rotate_half``): the dims of a head keep their order (dim i is
+    rotated with i + d/2, each pair at its own frequency) while whole heads still permute, with q, k, v and the
+    output projection (sdpa; eager attention's matmuls are not followed, so there q/k are fixed). The residual
+    stream and the SwiGLU hidden units permute freely. The symmetry keeps the output only to float32 rounding
+    (~1e-7 relative): LlamaRMSNorm computes in float32 whatever the model's dtype."""
     m = llama(attn)
     x, y = _batch(13)
     g = gradgraph.capture(m, x, y, lm_loss)
@@ -175,9 +177,15 @@ def test_hf_llama_rotary(attn):
     spaces = {s.key: s for s in g.spec.spaces}
     for k in range(2):
         q = spaces[f"model.layers.{k}.self_attn.q_proj.out"]
-        assert not q.permutable and "per-neuron constant" in q.reason  # the rotary tables
+        assert q.within_heads is not None and "dims of each head" in q.within_heads  # the rotary tables
+        assert q.permutable == q.heads_permutable == (attn == "sdpa") and q.heads == 2
         assert spaces[f"model.layers.{k}.mlp.gate_proj.out"].permutable
     assert spaces["model.embed_tokens.out"].permutable
+    if attn == "sdpa":  # a drawn symmetry moves whole heads of q and never dims within a head
+        perms = [gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(k), example_inputs=x).perms[
+            "model.layers.0.self_attn.q_proj.out"] for k in range(8)]
+        assert any(p[0] == 4 for p in perms)
+        assert all(torch.equal(p.view(2, 4) - p.view(2, 4)[:, :1], torch.arange(4).expand(2, 4)) for p in perms)
     s = _moving_symmetry(m, x)
     moved = gradgraph.apply_symmetry(m, s)
     torch.testing.assert_close(_logits(moved(x)), _logits(m(x)), rtol=1e-6, atol=1e-7)
@@ -200,3 +208,52 @@ def test_hf_llama_permuting_rotated_dimensions_changes_the_function():
             w = getattr(moved.model.layers[0].self_attn, proj).weight
             w.copy_(w[swap])
     assert not torch.allclose(_logits(moved(x)), _logits(m(x)), rtol=1e-6, atol=1e-7)
+
+
+class RotaryAttention(torch.nn.Module):
+    """Hand-written rotary self-attention (sdpa), ``per_head``: q additionally scaled by a constant that differs
+    across heads (then permuting heads would change the function)."""
+
+    def __init__(self, d=8, heads=2, per_head=False):
+        super().__init__()
+        self.h, self.dh, self.per_head = heads, d // heads, per_head
+        self.inp, self.q, self.k, self.v, self.o = (torch.nn.Linear(d if i else 3, d) for i in range(5))
+        self.out = torch.nn.Linear(d, 2)
+
+    def forward(self, x):
+        b, T, _ = x.shape
+        h = self.inp(x)
+        q, k, v = (p(h).view(b, T, self.h, self.dh).transpose(1, 2) for p in (self.q, self.k, self.v))
+        ang = torch.arange(T, dtype=x.dtype)[:, None] * torch.linspace(0.3, 1.0, self.dh // 2, dtype=x.dtype)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+        def rotate(t):
+            t1, t2 = t[..., :self.dh // 2], t[..., self.dh // 2:]
+            return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+        q, k = rotate(q), rotate(k)
+        if self.per_head:
+            q = q * torch.arange(1, self.h + 1, dtype=x.dtype).view(1, self.h, 1, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(self.o(a.transpose(1, 2).reshape(b, T, -1)) + h)
+
+
+def test_rotary_keeps_head_permutations_and_a_per_head_constant_does_not():
+    """Rotary embeddings written by hand: heads permute (the output kept to 1e-9, the graph transforms like
+    the model), dims within a head do not. Negative: a constant that differs across heads fixes the heads, and
+    moving heads there anyway changes the output."""
+    torch.manual_seed(0)
+    m = RotaryAttention().double()
+    x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)
+    loss = lambda out, t: (out - t).pow(2).flatten(1).sum(1)  # noqa: E731
+    g = check_model(m, x, y, loss)
+    q = {s.key: s for s in g.spec.spaces}["q.out"]
+    assert q.heads_permutable and q.within_heads is not None
+    fixed = RotaryAttention(per_head=True).double()
+    fixed.load_state_dict(m.state_dict())
+    spec = model_spec(fixed, x)
+    q = {s.key: s for s in spec.spaces}["q.out"]
+    assert not q.heads_permutable
+    s = gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(1), example_inputs=x)
+    assert not torch.equal(s.perms["q.out"], torch.arange(8))  # this draw moves the heads of m
+    s.spec = spec
+    assert not _same_output(gradgraph.apply_symmetry(fixed, s), fixed, x)

@@ -59,7 +59,7 @@ ROWS = [
      "tied `wte`/`lm_head`, `position_ids` [1, T]", "heads permute with q/k/v", "test_zoo.py::test_hf_gpt2",
      lambda: (zoo.gpt2(True), zoo._batch(13)[0])),
     ("HF `LlamaForCausalLM` (sdpa and eager)", "rotary position embeddings, hand-written RMSNorm (computed in "
-     "float32), SwiGLU", "rotated q/k dimensions and the heads are fixed (cos/sin differ across head dimensions); "
+     "float32), SwiGLU", "whole heads permute, dims within a head keep their order (sdpa; eager: q/k fixed); "
      "symmetries keep the output to float32 rounding", "test_zoo.py::test_hf_llama_rotary",
      lambda: (zoo.llama(), zoo._batch(13)[0])),
     ("HF `BertForMaskedLM`", "separate q/k/v, token types, decoder tied to the word embeddings", "",
@@ -126,7 +126,7 @@ def _moves(spec, sp) -> bool:
         return False
     if sp.parts:
         return any(_moves(spec, spec.spaces[i]) for i in sp.parts)
-    return sp.size > 1 and (sp.heads <= 1 or sp.heads_permutable or sp.size // sp.heads > 1)
+    return sp.size > 1 and (sp.heads <= 1 or sp.heads_permutable or (sp.size // sp.heads > 1 and not sp.within_heads))
 
 
 def table() -> str:
@@ -137,7 +137,10 @@ def table() -> str:
         spec = model_spec(model, x)
         kinds = ", ".join(sorted({op.kind for op in spec.ops}))
         pieces = {i for sp in spec.spaces for i in sp.parts}
-        whole = [sp for i, sp in enumerate(spec.spaces) if i not in pieces]
+        # spaces of neurons: not the pieces of a cut one, nor glue's intermediate spaces that no layer holds
+        # (the halves of each head in rotary embeddings)
+        used = {layer.space for layer in spec.layers} | {i for i, sp in enumerate(spec.spaces) if sp.parts}
+        whole = [sp for i, sp in enumerate(spec.spaces) if i not in pieces and i in used]
         perm = sum(_moves(spec, sp) for sp in whole)
         lines.append(f"| {name} | {pattern} | {kinds} | {len(spec.ops)} | {perm} / {len(whole)} | "
                      f"{notes} | `tests/{test}` |")

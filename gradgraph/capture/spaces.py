@@ -23,6 +23,7 @@ class SpaceTable:
         self.size: list[int] = []
         self.kind: list[str] = []  # "hidden" | "input"
         self.fixed: list[str | None] = []  # why the space cannot be permuted, or None
+        self.within: list[str | None] = []  # why the neurons within each head keep their order (heads still move)
         self.output: list[bool] = []
         self.heads: list[int | None] = []
         self._head_parent: list[int] = []
@@ -36,6 +37,7 @@ class SpaceTable:
         self.size.append(int(size))
         self.kind.append(kind)
         self.fixed.append("model input" if kind == "input" else None)
+        self.within.append(None)
         self.output.append(False)
         self.heads.append(None)
         return sid
@@ -67,6 +69,7 @@ class SpaceTable:
         if self.size[ra] != self.size[rb]:
             self.fixed[ra] = self.fixed[ra] or f"tied to a space of another size by {why}"
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
+        self.within[ra] = self.within[ra] or self.within[rb]
         self.output[ra] = self.output[ra] or self.output[rb]
         if self.kind[rb] == "input":
             self.kind[ra] = "input"
@@ -79,6 +82,13 @@ class SpaceTable:
     def fix(self, s: int, why: str) -> None:
         r = self.find(s)
         self.fixed[r] = self.fixed[r] or why
+
+    def fix_within_heads(self, s: int, why: str) -> None:
+        """The neurons within each head of ``s`` keep their order, but whole heads may still permute: what an op
+        acting alike on every head (rotary position embeddings) leaves of the symmetry. A space that is never
+        split into heads is then fixed."""
+        r = self.find(s)
+        self.within[r] = self.within[r] or why
 
     def mark_output(self, s: int) -> None:
         r = self.find(s)

@@ -28,8 +28,9 @@ def build_spaces(rec: CaptureRecords) -> tuple[tuple[SpaceSpec, ...], dict[int, 
     for r in roots:
         members[table.head_group(r)].append(r)
 
-    def permutable(r):
-        return table.fixed[r] is None and table.kind[r] == "hidden" and not table.output[r]
+    def permutable(r):  # a space whose neurons keep their order within heads moves only if it has heads
+        return table.fixed[r] is None and table.kind[r] == "hidden" and not table.output[r] and (
+            table.within[r] is None or (table.heads[r] or 1) > 1)
 
     spaces = []
     for r in roots:
@@ -40,7 +41,8 @@ def build_spaces(rec: CaptureRecords) -> tuple[tuple[SpaceSpec, ...], dict[int, 
             key=table.name[r], size=table.size[r], role=role, permutable=permutable(r), heads=heads,
             head_group=group_index.setdefault(hg, len(group_index)),
             heads_permutable=heads > 1 and all(permutable(m) for m in members[hg]),
-            reason=table.fixed[r], parts=tuple(index[p] for p in parts.get(r, ()))))
+            reason=table.fixed[r] or (table.within[r] if not permutable(r) else None),
+            parts=tuple(index[p] for p in parts.get(r, ())), within_heads=table.within[r]))
     return tuple(spaces), {s: index[table.find(s)] for s in range(len(table.size))}
 
 

@@ -68,7 +68,9 @@ class SpaceSpec(_Plain):
     """A neuron space. ``heads > 1`` splits it into attention heads of ``size // heads`` neurons; spaces
     with the same ``head_group`` permute their heads together. ``reason`` says why it is not permutable.
     ``parts`` (indices of other spaces): the space is cut into those pieces along its neurons (a packed q/k/v
-    projection split by glue), and its permutation is theirs, block by block."""
+    projection split by glue), and its permutation is theirs, block by block. ``within_heads``: why the neurons
+    within each head keep their order (rotary position embeddings); its permutations then move whole heads
+    only (None: they may also permute within heads)."""
 
     key: str
     size: int
@@ -79,9 +81,10 @@ class SpaceSpec(_Plain):
     heads_permutable: bool = False
     reason: str | None = None
     parts: tuple[int, ...] = ()
+    within_heads: str | None = None
 
     _DECODE = {"parts": _tuple}
-    _OPTIONAL = frozenset({"parts"})
+    _OPTIONAL = frozenset({"parts", "within_heads"})
 
 
 @dataclass(frozen=True)

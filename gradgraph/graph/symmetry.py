@@ -71,7 +71,8 @@ def random_symmetry(obj, generator: torch.Generator | None = None) -> Symmetry:
                 head_perm[s.head_group] = (torch.randperm(s.heads, generator=generator) if s.heads_permutable
                                            else torch.arange(s.heads))
             pi = head_perm[s.head_group]
-            perms[s.key] = torch.cat([pi[h] * dh + torch.randperm(dh, generator=generator) for h in range(s.heads)])
+            perms[s.key] = torch.cat([pi[h] * dh + (torch.arange(dh) if s.within_heads else
+                                                    torch.randperm(dh, generator=generator)) for h in range(s.heads)])
         elif not s.parts:
             perms[s.key] = torch.randperm(s.size, generator=generator)
     for s in reversed(spec.spaces):  # a space cut into pieces (created after it) permutes piece by piece

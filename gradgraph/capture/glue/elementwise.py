@@ -59,10 +59,16 @@ def elementwise(tracer, call: GlueCall) -> Label | None:
     if not hidden:
         return Label(None, (), bax)
     ref = hidden[0]
-    # a constant that differs across neurons (a buffer of size n along the neuron axis) breaks symmetry
+    # a constant that differs across neurons (a buffer of size n along the neuron axis) breaks symmetry; one that
+    # differs only along the dims of a head-split space, the same for every head (rotary cos/sin), keeps the
+    # permutations of whole heads
     for c in consts:
         shift = nd - c.ndim
-        if any(a - shift >= 0 and c.shape[a - shift] != 1 for a in ref.axes):
+        varies = [a - shift >= 0 and c.shape[a - shift] != 1 for a in ref.axes]
+        if len(ref.axes) == 2 and varies == [False, True]:
+            tracer.spaces.fix_within_heads(ref.space, f"multiplied/added by a constant that differs across the "
+                                                      f"dims of each head in op '{name}'")
+        elif any(varies):
             tracer.spaces.fix(ref.space, f"multiplied/added by a per-neuron constant in op '{name}'")
     if len(labs) == 1:
         return replace(ref, batch_axis=bax)
@@ -227,6 +233,8 @@ def cat(tracer, call: GlueCall) -> Label | None:
         whole = tracer.fresh_space(f"{tracer.spaces.name[tracer.spaces.find(spaces[0])]}:{name}", out.shape[dim], None)
         tracer.spaces.set_parts(whole, tuple(spaces))
         return Label(whole, ref.axes, ref.batch_axis)
+    if name != "stack" and len(ref.axes) == 2 and dim == ref.axes[1] and None not in spaces:
+        return _cat_within_heads(tracer, call, spaces, ref, seq, dim)
     if name != "stack" and (dim in ref.axes or dim == ref.batch_axis):  # stack inserts a new axis: cuts nothing
         return tracer.unknown(call)
     if any(s is None for s in spaces):
@@ -239,3 +247,18 @@ def cat(tracer, call: GlueCall) -> Label | None:
         return Label(ref.space, tuple(sh(a) for a in ref.axes),
                      None if ref.batch_axis is None else sh(ref.batch_axis), None, ref.group)
     return Label(ref.space, ref.axes, ref.batch_axis, None, ref.group)
+
+
+def _cat_within_heads(tracer, call: GlueCall, spaces: list[int], ref: Label, seq, dim: int) -> Label:
+    """Head-split pieces joined along their head dims (``cat((-x2, x1), -1)`` in rotary embeddings): every head
+    is rebuilt from the same pieces of itself, so whole heads still permute (with the pieces' heads) while the
+    order within a head is fixed."""
+    heads, out = seq[0].shape[ref.axes[0]], call.outputs[0]
+    table = tracer.spaces
+    whole = tracer.fresh_space(f"{table.name[table.find(spaces[0])]}:{call.name}", heads * out.shape[dim], None)
+    why = f"rebuilt within each head by op '{call.name}'"
+    for sid in (whole, *spaces):
+        table.set_heads(sid, heads, call.name)
+        table.tie_heads(whole, sid)
+        table.fix_within_heads(sid, why)
+    return Label(whole, ref.axes, ref.batch_axis)
