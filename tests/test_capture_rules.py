@@ -53,8 +53,12 @@ def test_multihead_attention(mode, bias):
     g = gradgraph.capture(m, x, y, per_sample_mse)
     assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, per_sample_mse))
     spaces = {s.key: s for s in g.spec.spaces}
-    # head-averaged weights keep the head symmetry; per-head weights returned to the caller fix q/k
-    assert spaces["mha:q.out"].permutable == (mode != "padding")
+    # head-averaged weights keep the head symmetry; so do per-head weights returned to the caller (they carry a
+    # per-head space that permutes with the heads)
+    assert spaces["mha:q.out"].permutable and spaces["mha:q.out"].heads_permutable
+    for seed in range(3):
+        s = gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(seed), example_inputs=x)
+        torch.testing.assert_close(gradgraph.apply_symmetry(m, s)(x), m(x), rtol=1e-9, atol=1e-12)
 
 
 def test_cross_attention_with_kdim_vdim():

@@ -104,15 +104,28 @@ def test_hf_gpt2_broken_symmetry_changes_the_function():
     assert not _same_output(gradgraph.apply_symmetry(m, s), m, x)
 
 
-def test_hf_gpt2_eager_attention_is_exact_and_safe():
-    """The eager attention path (matmul over heads kept as a batch axis) is not followed yet: exact
-    gradients, q/k fixed, and whatever symmetry is left keeps the function."""
-    m = gpt2(False, "eager")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_hf_gpt2_eager_attention(tied):
+    """The eager attention path (matmuls with the heads as a batch axis, a dtype cast, the causal mask):
+    the zoo contract, with q/k and v split into 2 heads that permute together (through the per-head scores)."""
+    m = gpt2(tied, "eager")
     x, y = _batch(13)
-    g = gradgraph.capture(m, x, y, lm_loss)
-    assert_tensors_close(g.per_sample_grads(), oracle.per_sample_grads(m, x, y, lm_loss), rtol=1e-9)
-    s = _moving_symmetry(m, x)
-    assert _same_output(gradgraph.apply_symmetry(m, s), m, x)
+    g = check_model(m, x, y, lm_loss)
+    q, k, v = (g.spec.spaces[i] for i in {s.key: s for s in g.spec.spaces}["transformer.h.0.attn.c_attn.out"].parts)
+    assert q.key == k.key and q.heads == v.heads == 2 and q.heads_permutable and v.heads_permutable
+
+
+def test_hf_eager_attention_heads_must_move_together():
+    """Negative: the heads of q/k moved without the heads of v (eager GPT-2) change the function."""
+    m = gpt2(False, "eager")
+    x, _ = _batch(13)
+    for seed in range(20):
+        s = gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(seed), example_inputs=x)
+        if s.perms["transformer.h.0.attn.c_attn.out:split.0"][0] >= 4:  # this draw swaps the two heads of q/k
+            break
+    s.perms["transformer.h.0.attn.c_attn.out"] = torch.cat([s.perms["transformer.h.0.attn.c_attn.out"][:16],
+                                                            torch.arange(16, 24)])  # v left in place
+    assert not _same_output(gradgraph.apply_symmetry(m, s), m, x)
 
 
 def test_position_ids_with_a_leading_one_are_broadcast():
@@ -132,17 +145,19 @@ def test_position_ids_with_a_leading_one_are_broadcast():
     assert any(s.permutable for s in spec.spaces)
 
 
-def bert():
+def bert(attn: str = "sdpa"):
     cfg = transformers.BertConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation="sdpa")
+                                  attention_probs_dropout_prob=0.0, pad_token_id=0, attn_implementation=attn)
     return transformers.BertForMaskedLM(cfg).double().eval()
 
 
-def test_hf_bert_masked_lm():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_bert_masked_lm(attn):
     """BERT: separate q/k/v projections, token-type and position ids from [1, max] buffers (broadcast
-    constants), the decoder tied to the word embeddings and its bias a parameter of the prediction head."""
-    m = bert()
+    constants), the decoder tied to the word embeddings and its bias a parameter of the prediction head; the
+    heads permute with either attention implementation."""
+    m = bert(attn)
     x, y = _batch(13)
     g = check_model(m, x, y, lm_loss)
     uses = [op.name for op in g.spec.ops if op.weight is not None
@@ -166,7 +181,7 @@ def test_hf_llama_rotary(attn):
     multiplies q and k by cos/sin tables that differ across the dims of a head but are the same for every head,
     and rebuilds each head from its two halves (``rotate_half``): the dims of a head keep their order (dim i is
     rotated with i + d/2, each pair at its own frequency) while whole heads still permute, with q, k, v and the
-    output projection (sdpa; eager attention's matmuls are not followed, so there q/k are fixed). The residual
+    output projection (sdpa, and eager attention through its per-head scores). The residual
     stream and the SwiGLU hidden units permute freely. The symmetry keeps the output only to float32 rounding
     (~1e-7 relative): LlamaRMSNorm computes in float32 whatever the model's dtype."""
     m = llama(attn)
@@ -178,14 +193,14 @@ def test_hf_llama_rotary(attn):
     for k in range(2):
         q = spaces[f"model.layers.{k}.self_attn.q_proj.out"]
         assert q.within_heads is not None and "dims of each head" in q.within_heads  # the rotary tables
-        assert q.permutable == q.heads_permutable == (attn == "sdpa") and q.heads == 2
+        assert q.permutable and q.heads_permutable and q.heads == 2
         assert spaces[f"model.layers.{k}.mlp.gate_proj.out"].permutable
     assert spaces["model.embed_tokens.out"].permutable
-    if attn == "sdpa":  # a drawn symmetry moves whole heads of q and never dims within a head
-        perms = [gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(k), example_inputs=x).perms[
-            "model.layers.0.self_attn.q_proj.out"] for k in range(8)]
-        assert any(p[0] == 4 for p in perms)
-        assert all(torch.equal(p.view(2, 4) - p.view(2, 4)[:, :1], torch.arange(4).expand(2, 4)) for p in perms)
+    # a drawn symmetry moves whole heads of q and never dims within a head
+    perms = [gradgraph.random_symmetry(m, generator=torch.Generator().manual_seed(k), example_inputs=x).perms[
+        "model.layers.0.self_attn.q_proj.out"] for k in range(8)]
+    assert any(p[0] == 4 for p in perms)
+    assert all(torch.equal(p.view(2, 4) - p.view(2, 4)[:, :1], torch.arange(4).expand(2, 4)) for p in perms)
     s = _moving_symmetry(m, x)
     moved = gradgraph.apply_symmetry(m, s)
     torch.testing.assert_close(_logits(moved(x)), _logits(m(x)), rtol=1e-6, atol=1e-7)

@@ -58,11 +58,14 @@ ROWS = [
     ("HF `GPT2LMHeadModel` (tied and untied)", "`Conv1D` (transposed linear), packed q/k/v cut by `split`, "
      "tied `wte`/`lm_head`, `position_ids` [1, T]", "heads permute with q/k/v", "test_zoo.py::test_hf_gpt2",
      lambda: (zoo.gpt2(True), zoo._batch(13)[0])),
+    ("HF `GPT2LMHeadModel`, eager attention", "matmuls with heads as a batch axis, causal mask, dtype cast",
+     "heads permute through per-head scores", "test_zoo.py::test_hf_gpt2_eager_attention",
+     lambda: (zoo.gpt2(True, "eager"), zoo._batch(13)[0])),
     ("HF `LlamaForCausalLM` (sdpa and eager)", "rotary position embeddings, hand-written RMSNorm (computed in "
-     "float32), SwiGLU", "whole heads permute, dims within a head keep their order (sdpa; eager: q/k fixed); "
+     "float32), SwiGLU", "whole heads permute, dims within a head keep their order; "
      "symmetries keep the output to float32 rounding", "test_zoo.py::test_hf_llama_rotary",
      lambda: (zoo.llama(), zoo._batch(13)[0])),
-    ("HF `BertForMaskedLM`", "separate q/k/v, token types, decoder tied to the word embeddings", "",
+    ("HF `BertForMaskedLM` (sdpa and eager)", "separate q/k/v, token types, decoder tied to the word embeddings", "",
      "test_zoo.py::test_hf_bert_masked_lm", lambda: (zoo.bert(), zoo._batch(13)[0])),
     ("HF `ViTForImageClassification`", "patch conv, bare `cls_token` and `position_embeddings`", "",
      "test_zoo_bare.py::test_hf_vit",

@@ -10,7 +10,8 @@ over indices missing from the output. With one operand carrying neurons:
 * any other operand indexed by them (a per-neuron constant, input data): the space is fixed.
 
 With two operands carrying neurons, summing all neuron indices of both against each other (``q @ k^T``)
-ties their spaces and gives an output without neurons; anything else is unknown. The batch index must be
+ties their spaces and gives an output without neurons; with heads kept as a batch axis (eager attention),
+see :func:`_over_heads`; anything else is unknown. The batch index must be
 kept and be one index for all operands, else samples mix (an error).
 """
 from __future__ import annotations
@@ -117,9 +118,42 @@ def contraction(tracer, call: GlueCall, operands: list, idx: list[list], out: li
         a, b = hidden
         la, lb = neurons[a], neurons[b]
         others = [j for j in range(len(operands)) if j not in hidden]
-        if la == lb and not any(i in out for i in la) and not any(i in idx[j] for j in others for i in la):
+        if any(i in idx[j] for j in others for i in la + lb):
+            return tracer.unknown(call)
+        if la == lb and not any(i in out for i in la):
             tracer.spaces.tie(labs[a].space, labs[b].space, f"op '{name}' (a product over their neurons)")
             return Label(None, (), bax)
+        return _over_heads(tracer, call, operands, labs, (a, b), (la, lb), out, bax)
+    return tracer.unknown(call)
+
+
+def _over_heads(tracer, call: GlueCall, operands, labs, hidden, letters, out, bax) -> Label | None:
+    """Attention written with matmul, heads kept as a batch axis of the product:
+
+    * ``q @ k^T`` over the dims of each head ([b, H, T, dh] @ [b, H, dh, T]): q and k share a space split into
+      H heads; the scores [b, H, T, T] carry one neuron per head, in a fresh per-head space of the same head
+      group (so softmax, masks and dropout over the other axes keep the head symmetry);
+    * ``scores @ v`` over tokens: v's space, split into the same heads as the scores.
+
+    Anything else is unknown."""
+    table, name = tracer.spaces, call.name
+    (a, b), (la, lb) = hidden, letters
+    if len(la) == len(lb) == 2 and la[0] == lb[0] and la[0] in out and la[1] == lb[1] and la[1] not in out:
+        heads = operands[a].shape[labs[a].axes[0]]
+        table.tie(labs[a].space, labs[b].space, f"op '{name}' (a product over the dims of each head)")
+        scores = tracer.fresh_space(f"{table.name[table.find(labs[a].space)]}:scores", heads, None)
+        for sid in (labs[a].space, scores):
+            table.set_heads(sid, heads, name)
+        table.tie_heads(labs[a].space, scores)
+        return Label(scores, (out.index(la[0]),), bax)
+    for s_, v_ in ((a, b), (b, a)):  # which operand holds the per-head scores
+        ls, lv = letters[hidden.index(s_)], letters[hidden.index(v_)]
+        r = table.find(labs[s_].space)
+        per_head = table.heads[r] is not None and table.heads[r] == table.size[r] > 1
+        if per_head and len(ls) == 1 and len(lv) == 2 and ls[0] == lv[0] and all(i in out for i in lv):
+            table.set_heads(labs[v_].space, table.heads[r], name)
+            table.tie_heads(labs[s_].space, labs[v_].space)
+            return Label(labs[v_].space, tuple(out.index(i) for i in lv), bax)
     return tracer.unknown(call)
 
 

@@ -16,7 +16,7 @@ UNARY = {
     "dropout1d", "dropout2d", "dropout3d", "abs", "neg", "negative", "exp", "expm1", "log", "log1p", "sqrt",
     "rsqrt", "square", "reciprocal", "sign", "erf", "clamp", "clip", "clamp_min", "clamp_max", "sinh", "cosh",
     "atan", "asin", "acos", "asinh", "sinc", "clone", "contiguous", "float", "double", "half", "bfloat16",
-    "to", "type_as", "detach", "nan_to_num", "masked_fill",
+    "to", "type", "type_as", "detach", "nan_to_num", "masked_fill",
 }
 BINARY = {
     "add", "sub", "subtract", "rsub", "mul", "multiply", "div", "divide", "true_divide", "pow", "float_power",
