@@ -26,21 +26,24 @@ from .variants import VARIANTS
 __all__ = ["run", "save_curve", "command"]
 
 
-def save_curve(history: list[float], path: Path, title: str) -> None:
+def save_curve(history: list[float], path: Path, title: str, meta_loss: str = "train") -> None:
+    """The meta-loss per meta-step (and its moving mean) as a PNG; ``meta_loss`` names what it measures."""
     import matplotlib  # plotting is optional at import time
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history, lw=0.8)
+    ax.plot(history, lw=0.8, label="per meta-step")
     if len(history) >= 20:
         k = max(len(history) // 50, 5)
         smooth = torch.tensor(history).unfold(0, k, 1).mean(1)
-        ax.plot(range(k - 1, len(history)), smooth, lw=2)
-    ax.set(xlabel="meta-step", ylabel="mean training loss (PES)", title=title)
+        ax.plot(range(k - 1, len(history)), smooth, lw=2, label=f"mean of {k}")
+    what = "validation loss after each update" if meta_loss == "val" else "training loss"
+    ax.set(xlabel="meta-step", ylabel=f"mean {what}\n(cross-entropy, nats)", title=title)
+    ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
@@ -109,7 +112,8 @@ def _run(args) -> int:
                    "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
                    "meta_loss": args.meta_loss, "init_from": init_info,
                    "process_seconds": spent, "command": command(args, pes.meta_step)}, out / "rule.pt", "lopt-rule")
-        save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)")
+        save_curve(pes.history, out / "curve.png", f"{args.variant} on {args.task} (PES, {cfg.pairs} pairs)",
+                   args.meta_loss)
 
     bar = progress_bar(range(pes.meta_step, args.steps), enabled=main and not args.quiet, initial=pes.meta_step,
                        total=args.steps, desc="meta-train")
