@@ -31,9 +31,9 @@ from torch import Tensor, nn
 import gradgraph
 
 from ..io import atomic_write_text
-from ..oracle import make_per_sample_grads
 from ..threads import set_threads
 from .capture import Config
+from .engines import ENGINES as CAPTURE_ENGINES
 from .engines import quiet
 from .measure import machine_description, time_steps
 from .options import NORMS_ENGINES as ENGINES
@@ -50,14 +50,8 @@ def _norms(grads: dict[str, Tensor]) -> Tensor:
 def prepare(engine: str, model: nn.Module, loss_fn):
     """A step ``(x, y) -> [b] norms`` of ``engine`` (plain: the summed gradient, no norms) on ``model``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if engine == "plain":
-        def plain(x, y):
-            loss_fn(model(x), y).sum().backward()
-            out = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            return out
-        return plain
+    if engine == "plain":  # the capture benchmark's engines, on this very model
+        return CAPTURE_ENGINES.get("plain").prepare(model, loss_fn)
     if engine == "gradgraph":
         return lambda x, y: gradgraph.capture(model, x, y, loss_fn).per_sample_grad_norms()
     if engine == "opacus-ghost":
@@ -73,8 +67,9 @@ def prepare(engine: str, model: nn.Module, loss_fn):
                 p.grad, p._norm_sample = None, None
             return norms
         return ghost
-    if engine == "vmap":
-        return lambda x, y: _norms(make_per_sample_grads(model, x, y, loss_fn)())
+    if engine == "vmap":  # built once per batch, as in the capture benchmark
+        grads = CAPTURE_ENGINES.get("vmap").prepare(model, loss_fn)
+        return lambda x, y: _norms(grads(x, y))
     raise ValueError(f"unknown norms engine {engine!r}: use one of {', '.join(ENGINES)}")
 
 

@@ -47,7 +47,7 @@ CURVATURE_PRESETS = {
 EDITING_PRESETS = {
     # the protocol: every model, 3 seeds, up to 100 epochs with early stopping
     "full": dict(num_images=1797, seeds=(0, 1, 2), epochs=100, patience=15, models=EDITING_MODEL_NAMES),
-    # what a 2-core CPU session fits (about 80 min on one core): every model, 3 seeds, 10 epochs at lr 3e-3
+    # what a 2-core CPU session fits (48 min on one core, measured): every model, 3 seeds, 10 epochs at lr 3e-3
     "cpu": dict(num_images=1797, seeds=(0, 1, 2), epochs=10, patience=None, lr=3e-3,
                 models=("ws", "ws+probe", "ws+probe+target", "ws+gradmetanet", "ws+gradmetanet++",
                         "ws+gradmetanet+oce")),
