@@ -90,6 +90,14 @@ class SpaceTable:
         r = self.find(s)
         self.within[r] = self.within[r] or why
 
+    def heads_alike(self, spaces, heads: int, op: str, why: str) -> None:
+        """``spaces`` are split into the same ``heads`` by an op that acts alike on every head (a slice or a concat
+        of each head's dims): their heads permute together, the order within each head is fixed."""
+        for s in spaces:
+            self.set_heads(s, heads, op)
+            self.tie_heads(spaces[0], s)
+            self.fix_within_heads(s, why)
+
     def mark_output(self, s: int) -> None:
         r = self.find(s)
         self.output[r] = True

@@ -179,8 +179,8 @@ def entry_index(spec: GraphSpec, device) -> tuple[torch.Tensor, torch.Tensor, to
 _BUFFER_LOCK = threading.Lock()
 
 
-def _reusable_buffer(spec: GraphSpec, name: str, shape: tuple[int, ...], dtype, device) -> tuple[torch.Tensor, bool]:
-    """A buffer for a per-capture tensor of ``spec``, and whether it is the one an earlier capture used.
+def _reusable_buffer(spec: GraphSpec, name: str, shape: tuple[int, ...], dtype, device) -> torch.Tensor:
+    """A buffer for a per-capture tensor of ``spec`` (the one an earlier, dropped graph used, when possible).
 
     Why: a large capture's ``entry_x`` (117 MB for a 2-block GPT-2 at batch 8 x 128 tokens) is a fresh
     allocation each time, and the kernel's page faults on first touch cost about as much as writing it. So the
@@ -193,11 +193,10 @@ def _reusable_buffer(spec: GraphSpec, name: str, shape: tuple[int, ...], dtype, 
     with _BUFFER_LOCK:
         buf = cache.get(key)
         # 2: the cached tensor, plus the temporary storage object of this very call
-        reused = buf is not None and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2
-        if not reused:
+        if buf is None or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) != 2:
             buf = torch.empty(shape, dtype=dtype, device=device)
             cache[key] = buf
-        return buf.view(shape), reused
+        return buf.view(shape)
 
 
 def release_buffers() -> None:
@@ -234,7 +233,7 @@ def build_graph(rec: CaptureRecords):
     dtype = rec.dtype or torch.get_default_dtype()
     device = next((s.a.device for s, _ in layer_sites if s is not None), None)
     entry_mask, entry_node, entry_elem = entry_index(spec, device)
-    entry_x, _ = _reusable_buffer(spec, "entry_x", (spec.num_entries, 2), dtype, device)
+    entry_x = _reusable_buffer(spec, "entry_x", (spec.num_entries, 2), dtype, device)
     zero = torch.zeros((), dtype=dtype, device=device)
     node_copied = False
     for layer, (s, o) in zip(spec.layers, layer_sites):
@@ -250,7 +249,7 @@ def build_graph(rec: CaptureRecords):
                 entry_x[rows, 0], entry_x[rows, 1] = 1, 0
                 if not node_copied:  # this capture's own copy (rewritten whole: a user may have edited the last)
                     base, node_copied = entry_node, True
-                    entry_node = _reusable_buffer(spec, "entry_node", tuple(base.shape), base.dtype, device)[0]
+                    entry_node = _reusable_buffer(spec, "entry_node", tuple(base.shape), base.dtype, device)
                     entry_node.copy_(base)
                 torch.add(base[rows], a.reshape(-1).to(device), out=entry_node[rows])
                 continue

@@ -256,9 +256,5 @@ def _cat_within_heads(tracer, call: GlueCall, spaces: list[int], ref: Label, seq
     heads, out = seq[0].shape[ref.axes[0]], call.outputs[0]
     table = tracer.spaces
     whole = tracer.fresh_space(f"{table.name[table.find(spaces[0])]}:{call.name}", heads * out.shape[dim], None)
-    why = f"rebuilt within each head by op '{call.name}'"
-    for sid in (whole, *spaces):
-        table.set_heads(sid, heads, call.name)
-        table.tie_heads(whole, sid)
-        table.fix_within_heads(sid, why)
+    table.heads_alike((whole, *spaces), heads, call.name, f"rebuilt within each head by op '{call.name}'")
     return Label(whole, ref.axes, ref.batch_axis)

@@ -178,10 +178,7 @@ def getitem(tracer, call: GlueCall) -> Label | None:
         heads, table = t.shape[h], tracer.spaces
         piece = tracer.fresh_space(f"{table.name[table.find(lab.space)]}:slice", heads * call.outputs[0].shape[
             src_to_out[d]], None)
-        for sid in (lab.space, piece):
-            table.set_heads(sid, heads, "__getitem__")
-            table.tie_heads(lab.space, sid)
-            table.fix_within_heads(sid, "sliced within each head by '__getitem__'")
+        table.heads_alike((lab.space, piece), heads, "__getitem__", "sliced within each head by '__getitem__'")
         return Label(piece, (src_to_out[h], src_to_out[d]), bax)
     if not all(full[a] for a in lab.axes) or (lab.group and any(
             not full[d] for d in range(lab.axes[0] + 1, t.ndim))):
