@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_text
-from ..tasks.configs import EDITING_MODELS, EditingConfig
+from ..tasks.configs import EditingConfig
 from ..tasks.editing import EditingTask, load_dataset, reference_metrics, train_editing
 from ..train.checkpoint import RunDir
 from .measure import machine_description, write_report
 from .options import EDITING_PRESETS as PRESETS
 from .options import editing as add_arguments  # noqa: F401 (the benchmark's entry point)
 
-MODELS = tuple(EDITING_MODELS)
+
 def grid(args) -> dict:
     cfg = dict(PRESETS[args.preset])
     for key in ("models", "seeds", "epochs", "patience", "lr"):

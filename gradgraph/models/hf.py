@@ -32,11 +32,12 @@ class HFGPT2(_Reference):
     def __init__(self, vocab_size: int = 4096, block_size: int = 128, d_model: int = 256, n_layer: int = 2,
                  n_head: int = 4, tied: bool = True) -> None:
         super().__init__()
-        cfg = _transformers().GPT2Config(
+        tf = _transformers()
+        cfg = tf.GPT2Config(
             vocab_size=vocab_size, n_positions=block_size, n_embd=d_model, n_layer=n_layer, n_head=n_head,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, use_cache=False,
             bos_token_id=0, eos_token_id=0)
-        self.hf = _transformers().GPT2LMHeadModel(cfg)
+        self.hf = tf.GPT2LMHeadModel(cfg)
         self.vocab_size, self.block_size = vocab_size, block_size
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -61,10 +62,11 @@ class HFResNet(_Reference):
     def __init__(self, image_size: int = 64, num_classes: int = 10, hidden_sizes: tuple[int, ...] = (64, 128, 256, 512),
                  depths: tuple[int, ...] = (2, 2, 2, 2), embedding_size: int = 64) -> None:
         super().__init__()
-        cfg = _transformers().ResNetConfig(
+        tf = _transformers()
+        cfg = tf.ResNetConfig(
             num_channels=3, embedding_size=embedding_size, hidden_sizes=list(hidden_sizes), depths=list(depths),
             layer_type="basic", num_labels=num_classes)
-        self.hf = _transformers().ResNetForImageClassification(cfg)
+        self.hf = tf.ResNetForImageClassification(cfg)
         self.image_size, self.num_classes = image_size, num_classes
         self.train()
 
