@@ -142,3 +142,56 @@ def test_a_trained_estimator_applies_to_other_models(tmp_path, dataset):
     mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))  # another architecture: still positive
     other = est.predict(mlp, torch.randn(6, 3))
     assert other["0.weight"].shape == (5, 3) and all(bool((v > 0).all()) for v in other.values())
+
+
+def _shrunk_by_hand(S, y_train, S_train, sizes):
+    """Independent s-shrink: per tensor, lambda = least squares of (y - m) on (S - m) over the training models
+    (m the model's mean of S over the tensor), clipped to [0, 1]; then lambda S + (1 - lambda) m for S."""
+    out, lams, start = [], [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        start += n
+        m_train = S_train[:, sl].mean(1, keepdim=True)
+        d, r = S_train[:, sl] - m_train, y_train[:, sl] - m_train
+        den = float((d * d).sum())  # 0 for a one-entry tensor (the output bias), where lambda does not matter
+        lam = min(max(float((d * r).sum()) / den, 0.0), 1.0) if den > 0 else 0.0
+        m = S[:, sl].mean(1, keepdim=True)
+        out.append(lam * (S[:, sl] - m) + m)
+        lams.append(lam)
+    return torch.cat(out, 1), lams
+
+
+def test_shrink_output_corrects_the_calibrated_baseline(tmp_path, dataset):
+    from torch import nn
+
+    from gradgraph.data.siren_fisher import make_model
+    from gradgraph.errors import StructureMismatchError
+    from gradgraph.tasks.curvature import CurvatureTask, load
+
+    cfg = _cfg(tmp_path, output="shrink", epochs=2)
+    metrics = train_curvature(cfg, dataset, progress=False)
+    assert metrics["test_nonpos"] == 0.0
+    task = CurvatureTask(cfg, dataset, False)
+    task.setup()
+    train, test = task.split["train"], task.split["test"][:4]
+    sizes = metrics["tensor_sizes"]
+    S_train, y_train = dataset.std_est[train].double(), dataset.y[train].double()
+    ref, lams = _shrunk_by_hand(dataset.std_est[test].double(), y_train, S_train, sizes)
+    torch.testing.assert_close(torch.tensor(metrics["shrink"], dtype=torch.float64), torch.tensor(lams,
+                               dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # with the correction h switched off (scale = shift = 0) the estimate is s-shrink itself
+    est = load(cfg.run_dir)
+    est.net.scale.data.zero_()
+    est.net.shift.data.zero_()
+    got = task.predict(est.net, task.batch(test)).double()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-9)
+    # negative: the positive output's h = 0 is raw S, which the shrinkage changes
+    task_s = CurvatureTask(_cfg(tmp_path, epochs=2), dataset, False)
+    task_s.setup()
+    assert not torch.allclose(task_s.predict(est.net, task_s.batch(test)).double(), ref, rtol=1e-3)
+    # a loaded shrink run predicts on the SIREN architecture and refuses another one by name
+    model, _, x, _ = make_model(3, 0, num_points=8, num_fisher_points=8)
+    fisher = est.predict(model.float(), x.float())
+    assert all(bool((v > 0).all()) for v in fisher.values())
+    with pytest.raises(StructureMismatchError, match="output='shrink'.*--output positive"):
+        est.predict(nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)), torch.randn(6, 1))

@@ -8,9 +8,10 @@ keeps them equal to the registries.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
-from ..tasks.configs import CURVATURE_MODELS, EDITING_MODELS
+from ..tasks.configs import CURVATURE_MODELS, EDITING_MODELS, CurvatureConfig
 
 __all__ = ["ARGUMENTS", "threads"]
 
@@ -123,8 +124,9 @@ def curvature(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="override the epochs")
     p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
     p.add_argument("--num-models", type=int, help="dataset size")
-    p.add_argument("--output", choices=("positive", "z"), default="positive",
-                   help="the task's output (positive: S * exp(h); z: the paper's)")
+    output = next(f for f in dataclasses.fields(CurvatureConfig) if f.name == "output")
+    p.add_argument("--output", choices=output.metadata["choices"], default=output.default,
+                   help="the task's output (positive: S * exp(h); shrink: s-shrink * exp(h); z: the paper's)")
     p.add_argument("--loss", choices=("normalized", "log", "z"), default="normalized", help="training loss")
     p.add_argument("--select", choices=("nmse", "logratio", "mse"), default="nmse",
                    help="validation metric for early stopping")

@@ -45,8 +45,11 @@ class CurvatureConfig(TrainConfig):
     num_points: int = option(128, "gradients per graph (the set size)", low=1)
     data_seed: int = option(0, "seed of the generated dataset", low=0)
     output: str = option("positive", "'positive': the model predicts h per parameter and the estimate is "
-                         "S * exp(h), S the standard estimator (never <= 0); 'z': the paper's unconstrained output "
-                         "in globally z-scored units", choices=["positive", "z"])
+                         "S * exp(h), S the standard estimator (never <= 0); 'shrink': the estimate is B * exp(h), B "
+                         "the calibrated baseline s-shrink (S shrunk per tensor toward the model's mean of S, fitted "
+                         "on the training split; the model applies only to the training architecture); 'z': the "
+                         "paper's unconstrained output in globally z-scored units",
+                         choices=["positive", "shrink", "z"])
     loss: str = option("normalized", "training loss: 'normalized' (each parameter tensor's squared error over the "
                        "mean square of its training targets, averaged over tensors), 'log' (squared log-ratio), "
                        "'z' (the paper's globally z-scored squared error)", choices=["normalized", "log", "z"])

@@ -29,6 +29,7 @@ from ..nn.registry import METANETWORKS
 from ..train.distributed import all_sum_tensor, world
 from ..train.loop import Task, train
 from .configs import CURVATURE_MODELS, CurvatureConfig
+from .curvature_baselines import fit_shrink, shrink_base
 from .curvature_metrics import METRICS, CurvatureMetrics
 
 __all__ = ["CurvatureTask", "CurvatureConfig", "MODELS", "build_model", "train_curvature", "OutputAffine", "load",
@@ -128,19 +129,23 @@ def load_dataset(cfg: CurvatureConfig, progress: bool = True) -> SirenFisher:
 MAX_LOG_RATIO = 30.0  # |h| is clamped before exp: an untrained model cannot overflow float32
 
 
-def estimate(out: torch.Tensor, standard: torch.Tensor, output: str, mu: float, sigma: float) -> torch.Tensor:
-    """The Fisher-diagonal estimate from a model's output (same shape as ``standard``, the standard estimator):
-    ``S * exp(h)`` for ``output="positive"``, the de-standardized output for ``"z"``."""
+def estimate(out: torch.Tensor, base: torch.Tensor, output: str, mu: float, sigma: float) -> torch.Tensor:
+    """The Fisher-diagonal estimate from a model's output ``out`` [G, P]: ``base * exp(h)`` for
+    ``output="positive"`` (base: the standard estimator S) and ``"shrink"`` (base: S shrunk per tensor, see
+    :func:`shrink_base`), the de-standardized output for ``"z"``."""
     if output == "z":
         return out * sigma + mu
-    return standard.to(out.dtype).clamp_min(1e-30) * torch.exp(out.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    return base.to(out.dtype).clamp_min(1e-30) * torch.exp(out.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
 class CurvatureTask(Task):
     """Regress the Fisher diagonal of every parameter. With ``output="positive"`` the model predicts
     ``h`` and the estimate is ``S * exp(h)`` (S the standard estimator of the same gradients, so the model
-    starts near S and learns a log-correction; the estimate is positive by construction); with ``"z"`` it
-    predicts the globally z-scored target directly (the paper). Metrics: :mod:`.curvature_metrics`."""
+    starts near S and learns a log-correction; the estimate is positive by construction); with ``"shrink"``
+    the base is the strongest calibrated baseline instead, S shrunk per tensor toward the model's mean of S
+    with the per-tensor weights fitted on the training split (``s-shrink``), so the model learns only what
+    that calibration misses; with ``"z"`` it predicts the globally z-scored target directly (the paper).
+    Metrics: :mod:`.curvature_metrics`."""
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -153,6 +158,9 @@ class CurvatureTask(Task):
         self.sigma = sigma if sigma > 0 else 1.0
         sizes = [(p.name, p.numel) for p in self.data.spec.trainable]
         self.metrics = CurvatureMetrics(sizes, y_train, self.mu, self.sigma)
+        # s-shrink's per-tensor weights, fitted on the training split only (the base of output="shrink")
+        S_train = self.data.std_est[self.split["train"]]
+        self.shrink = fit_shrink(self.metrics, S_train, y_train).clamp(0, 1).float()
         self.loss_name = {"normalized": "nmse", "log": "logsq", "z": "mse"}[cfg.loss]
         self.monitor = cfg.select
 
@@ -164,23 +172,28 @@ class CurvatureTask(Task):
 
     def build_model(self) -> nn.Module:
         example = self.data[self.split["train"][0]]
-        log_features = self.cfg.output == "positive" and CURVATURE_MODELS[self.cfg.model][0] == "gradmetanet"
+        log_features = self.cfg.output != "z" and CURVATURE_MODELS[self.cfg.model][0] == "gradmetanet"
         net = build_model(self.cfg.model, self.data.config["num_points"], example, param_features=2 * log_features)
         return OutputAffine(LogStandardFeatures(net) if log_features else net)
 
     def _standard(self, batch) -> torch.Tensor:
         return batch.std_est.view(batch.num_graphs, -1)
 
+    def _base(self, batch) -> torch.Tensor:
+        """[G, P]: what the model's log-correction multiplies (S, or S shrunk per tensor)."""
+        S = self._standard(batch)
+        return shrink_base(S, self.shrink, self.metrics.tensor_of) if self.cfg.output == "shrink" else S
+
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
         """Fisher-diagonal estimates [G, P] in the targets' units."""
         out = model(batch).reshape(batch.num_graphs, -1)
-        return estimate(out, self._standard(batch), self.cfg.output, self.mu, self.sigma)
+        return estimate(out, self._base(batch), self.cfg.output, self.mu, self.sigma)
 
     def _fit_target(self, batch) -> torch.Tensor:
         y = batch.y.view(batch.num_graphs, -1)
         if self.cfg.output == "z":
             return (y - self.mu) / self.sigma
-        return torch.log(y.clamp_min(1e-30) / self._standard(batch).clamp_min(1e-30))
+        return torch.log(y.clamp_min(1e-30) / self._base(batch).clamp_min(1e-30))
 
     def initialize(self, model: OutputAffine) -> None:
         """Input/moment scales from the first training graphs (no targets; then frozen), then the output affine.
@@ -232,6 +245,7 @@ class CurvatureTask(Task):
         for k in ("mse", "mae", "nmse", "logratio"):
             out[f"improvement_{k}"] = 1 - out[f"test_{k}"] / out[f"standard_test_{k}"]
         out.update({"tensors": names, "target_mean": self.mu, "target_std": self.sigma,
+                    "tensor_sizes": self.metrics.sizes.tolist(), "shrink": self.shrink.tolist(),
                     "test_per_model": {k: v.tolist() for k, v in ours.items()},
                     "standard_per_model": {k: v.tolist() for k, v in std.items()}})
         return out
@@ -246,10 +260,26 @@ def train_curvature(cfg: CurvatureConfig, dataset: SirenFisher | None = None, pr
 
 
 class FisherEstimator:
-    """A trained curvature model applied to any model gradgraph captures (see :func:`load`)."""
+    """A trained curvature model applied to any model gradgraph captures (see :func:`load`). A model trained
+    with ``output="shrink"`` carries per-tensor weights of its training architecture and applies only to models
+    with the same parameter tensors."""
 
-    def __init__(self, cfg: CurvatureConfig, net: nn.Module, mu: float, sigma: float) -> None:
-        self.cfg, self.net, self.mu, self.sigma = cfg, net.eval(), mu, sigma
+    def __init__(self, cfg: CurvatureConfig, net: nn.Module, mu: float, sigma: float,
+                 shrink: dict[str, float] | None = None) -> None:
+        self.cfg, self.net, self.mu, self.sigma, self.shrink = cfg, net.eval(), mu, sigma, shrink
+
+    def _base(self, graph, standard: torch.Tensor) -> torch.Tensor:
+        if self.cfg.output != "shrink":
+            return standard
+        names = [p.name for p in graph.spec.trainable]
+        if names != list(self.shrink):
+            raise StructureMismatchError(
+                f"this estimator was trained with output='shrink' on the parameter tensors {list(self.shrink)}, "
+                f"but the model has {names}: its per-tensor shrinkage does not transfer; use a run trained with "
+                "--output positive for other architectures")
+        sizes = torch.tensor([p.numel for p in graph.spec.trainable])
+        tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        return shrink_base(standard, torch.tensor(list(self.shrink.values())), tensor_of)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs, targets=None, loss_fn=None) -> dict[str, torch.Tensor]:
@@ -260,8 +290,8 @@ class FisherEstimator:
         graph.std_est = fisher_diagonal(graph).to(graph.entry_x.dtype)
         batch = Batch.from_data_list([graph])
         out = self.net(batch).reshape(1, -1)
-        return graph.graph_to_params(estimate(out, batch.std_est.view(1, -1), self.cfg.output, self.mu,
-                                              self.sigma)[0])
+        base = self._base(graph, batch.std_est.view(1, -1))
+        return graph.graph_to_params(estimate(out, base, self.cfg.output, self.mu, self.sigma)[0])
 
 
 def load(path) -> FisherEstimator:
@@ -276,11 +306,12 @@ def load(path) -> FisherEstimator:
         raise StructureMismatchError(f"{best} was trained with '{cfg.model}' = {arch}; this gradgraph defines "
                                      f"'{cfg.model}' as {cfg.identity()['architecture']}: use the gradgraph version "
                                      "that trained it, or retrain")
-    log_features = cfg.output == "positive" and CURVATURE_MODELS[cfg.model][0] == "gradmetanet"
+    log_features = cfg.output != "z" and CURVATURE_MODELS[cfg.model][0] == "gradmetanet"
     if CURVATURE_MODELS[cfg.model][0] not in ("gradmetanet", "gradmetanet++", "gmn") or cfg.model == "gmn-concat":
         raise StructureMismatchError(f"{best}: a '{cfg.model}' model flattens its training architecture into features "
                                "and cannot be applied to other models; use a gradmetanet or gmn-average run")
     net = build_model(cfg.model, cfg.num_points, param_features=2 * log_features)
     model = OutputAffine(LogStandardFeatures(net) if log_features else net)
     model.load_state_dict(payload["model"])
-    return FisherEstimator(cfg, model, metrics["target_mean"], metrics["target_std"])
+    shrink = dict(zip(metrics["tensors"], metrics["shrink"])) if cfg.output == "shrink" else None
+    return FisherEstimator(cfg, model, metrics["target_mean"], metrics["target_std"], shrink)

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from ..train.loop import epoch_order
 from .curvature_metrics import CurvatureMetrics
 
-__all__ = ["gradient_square_variance", "fit_affine", "fit_shrink", "StatsMLP", "fit_stats_mlp", "fit_all",
-           "noise_floor", "CALIBRATED"]
+__all__ = ["gradient_square_variance", "fit_affine", "fit_shrink", "shrink_base", "StatsMLP", "fit_stats_mlp",
+           "fit_all", "noise_floor", "CALIBRATED"]
 
 CALIBRATED = ("s-affine", "s-shrink", "stats-mlp")
 
@@ -72,9 +72,18 @@ def fit_shrink(metrics: CurvatureMetrics, S: Tensor, y: Tensor) -> Tensor:
     return num / den.clamp_min(1e-300)
 
 
+def shrink_base(standard: Tensor, lam: Tensor, tensor_of: Tensor) -> Tensor:
+    """``lam_t S + (1 - lam_t) mean_t(S)`` per parameter tensor t of each model: [G, P] from S [G, P], ``lam``
+    [T] in [0, 1] (so the base stays positive) and ``tensor_of`` [P] (each parameter's tensor index)."""
+    seg = tensor_of.to(standard.device)
+    sums = standard.new_zeros(standard.shape[0], len(lam)).index_add_(1, seg, standard)
+    counts = torch.bincount(seg, minlength=len(lam)).to(standard)
+    mean = (sums / counts)[:, seg]
+    return lam.to(standard)[seg] * (standard - mean) + mean
+
+
 def apply_shrink(metrics: CurvatureMetrics, lam: Tensor, S: Tensor) -> Tensor:
-    m = _per_tensor(metrics, S.double())[:, metrics.tensor_of]
-    return lam[metrics.tensor_of] * (S.double() - m) + m
+    return shrink_base(S.double(), lam, metrics.tensor_of)
 
 
 class StatsMLP(nn.Module):
