@@ -2,5 +2,7 @@
 from .common import default_root
 from .digit_inrs import DigitINRs, digit_images, dilate
 from .siren_fisher import SirenFisher, fisher_diagonal, sample_inputs
+from .siren_trace import SirenTrace
 
-__all__ = ["SirenFisher", "DigitINRs", "digit_images", "dilate", "fisher_diagonal", "sample_inputs", "default_root"]
+__all__ = ["SirenFisher", "SirenTrace", "DigitINRs", "digit_images", "dilate", "fisher_diagonal", "sample_inputs",
+           "default_root"]

@@ -79,14 +79,27 @@ class SirenFisher(GeneratedDataset):
                        "hidden": list(hidden), "w0": w0, "seed": seed}
         self.chunk_size, self.progress = chunk_size, progress
         self.tag = config_tag(self.config)
-        super().__init__(root or default_root("siren_fisher"), transform)
+        super().__init__(root or default_root(self.name), transform)
         stored = load_processed(self.processed_paths[0], self.config)
         self.spec = GraphSpec.from_dict(stored["spec"])
-        self.entry_x, self.y, self.std_est, self.p = stored["entry_x"], stored["y"], stored["std_est"], stored["p"]
+        for key in self.item_keys:
+            setattr(self, key, stored[key])
         self._structure = None
 
-    # -- generation (gradgraph.data.store) ------------------------------------------------------------------
+    # what a subclass with another target changes (see SirenTrace): its folder name, the per-item tensors it
+    # stores beside the graph, its split sizes and its README
     name = "siren_fisher"
+    item_keys = ("entry_x", "y", "std_est", "p")
+    splits = SPLITS
+    readme = ""  # set below
+    edges = True  # items carry materialized edges (models with edge messages need them; they cost O(weights))
+
+    def targets(self, graph: GradientGraph, fisher_graph: GradientGraph) -> dict[str, torch.Tensor]:
+        """The per-item tensors besides ``entry_x`` and ``p``, from the graph of the item's ``num_points``
+        inputs and that of its ``num_fisher_points`` further inputs (both float64)."""
+        return {"y": fisher_diagonal(fisher_graph).float(), "std_est": fisher_diagonal(graph).float()}
+
+    # -- generation (gradgraph.data.store) ------------------------------------------------------------------
 
     @property
     def raw_dir(self) -> str:
@@ -98,47 +111,46 @@ class SirenFisher(GeneratedDataset):
         return self.config["num_models"]
 
     def bar_spec(self) -> tuple[dict, int]:
-        return {"desc": "generating SirenFisher", "unit": "model"}, 1
+        return {"desc": f"generating {type(self).__name__}", "unit": "model"}, 1
 
     def generate_chunk(self, indices, bar) -> dict:
         cfg = self.config
-        entry_x, ys, stds, ps, spec = [], [], [], [], None
+        items, spec = [], None
         for i in indices:
             model, p, x, x_fisher = make_model(i, cfg["seed"], cfg["hidden"], cfg["w0"], cfg["num_points"],
                                                cfg["num_fisher_points"])
             graph = capture(model, x)
-            ys.append(fisher_diagonal(capture(model, x_fisher)).float())
-            stds.append(fisher_diagonal(graph).float())
-            entry_x.append(graph.entry_x.float())
-            ps.append(p)
+            items.append({"entry_x": graph.entry_x.float(), "p": torch.tensor(p),
+                          **self.targets(graph, capture(model, x_fisher))})
             spec = graph.spec
             bar.update(1)
-        return {"spec": spec.to_dict(), "entry_x": torch.stack(entry_x), "y": torch.stack(ys),
-                "std_est": torch.stack(stds), "p": torch.tensor(ps)}
+        return {"spec": spec.to_dict(), **{k: torch.stack([it[k] for it in items]) for k in self.item_keys}}
 
     def merge(self, chunks: list[dict]) -> tuple[dict, str]:
         data = {"config": self.config, "spec": chunks[0]["spec"]}
-        for key in ("entry_x", "y", "std_est", "p"):
+        for key in self.item_keys:
             data[key] = torch.cat([c[key] for c in chunks])
-        return data, README
+        return data, self.readme
 
     def len(self) -> int:
         return self.config["num_models"]
 
     @property
     def structure(self) -> dict:
-        """The index tensors every item shares (one architecture, one set size), edges materialized."""
+        """The index tensors every item shares (one architecture, one set size), edges materialized if
+        ``edges``."""
         if self._structure is None:
             ref = capture(make_model(0, self.config["seed"], self.config["hidden"], self.config["w0"],
                                      self.config["num_points"], 1)[0].float(),
                           torch.zeros(self.config["num_points"], 1))
-            ref.materialize_edges()
+            if self.edges:
+                ref.materialize_edges()
             self._structure = {k: v for k, v in ref._store.items() if k not in ("entry_x", "spec")}
         return self._structure
 
     def _item_tensors(self) -> dict:
-        return {"entry_x": self.entry_x, "y": self.y, "std_est": self.std_est, "p": self.p.view(-1, 1),
-                "model_id": torch.arange(len(self.p)).view(-1, 1)}
+        out = {k: getattr(self, k) for k in self.item_keys}
+        return {**out, "p": self.p.view(-1, 1), "model_id": torch.arange(len(self.p)).view(-1, 1)}
 
     def get(self, idx: int) -> GradientGraph:
         graph = GradientGraph(**self.structure)
@@ -160,7 +172,7 @@ class SirenFisher(GeneratedDataset):
     def split_indices(self, train_size: int | None = None) -> dict[str, list[int]]:
         """Indices of the test, validation and training splits (the first ``train_size`` of the pool)."""
         n = self.config["num_models"]
-        n_test, n_val = min(SPLITS["test"], n // 3), min(SPLITS["val"], n // 3)
+        n_test, n_val = min(self.splits["test"], n // 3), min(self.splits["val"], n // 3)
         pool = list(range(n_test + n_val, n))
         if train_size is not None:
             if train_size > len(pool):
@@ -186,3 +198,5 @@ from them, a damaged chunk is generated again, processes generating at once spli
 and they are deleted once `processed/siren_fisher_<tag>.pt` holds everything), where `<tag>` hashes the generation
 settings. Every file carries a hash of its content, checked on load. The same seed gives the same files.
 """
+
+SirenFisher.readme = README

@@ -18,6 +18,8 @@ from ..registry import Registry
 TASKS = Registry("task")
 TASKS.register("curvature", "gradgraph.tasks.configs:CurvatureConfig",
                help="predict SIREN Fisher diagonals from 128 gradients (paper Sec. 5.1)")
+TASKS.register("curvature-trace", "gradgraph.tasks.configs:TraceConfig",
+               help="predict the Fisher trace of a 1M-parameter SIREN from 32 gradients (paper's scaled variant)")
 TASKS.register("editing", "gradgraph.tasks.configs:EditingConfig",
                help="edit digit INRs into their dilation: predict a weight change (paper Sec. 5.3)")
 # tasks of other installed packages: an entry point "name = package.module:Config" in group "gradgraph.tasks"
@@ -27,6 +29,7 @@ for _ep in importlib.metadata.entry_points(group="gradgraph.tasks"):
 
 _LAZY = {"CurvatureConfig": "configs", "CURVATURE_MODELS": "configs", "train_curvature": "curvature",
          "build_model": "curvature", "CurvatureTask": "curvature",
+         "TraceConfig": "configs", "TRACE_MODELS": "configs", "TraceTask": "trace", "train_trace": "trace",
          "EditingConfig": "configs", "EDITING_MODELS": "configs", "EditingTask": "editing",
          "train_editing": "editing"}
 
