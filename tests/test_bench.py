@@ -33,8 +33,8 @@ print(sorted(m for m in sys.modules if m.startswith("gradgraph.")))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
-    assert [ln.split(" | ")[0] for ln in lines[:-1]] == ["capture", "curvature", "editing", "lopt", "lopt-step",
-                                                         "metanet", "norms"]
+    assert [ln.split(" | ")[0] for ln in lines[:-1]] == ["capture", "curvature", "curvature-trace", "editing",
+                                                         "lopt", "lopt-step", "metanet", "norms"]
     assert all(ln.split(" | ")[1] for ln in lines[:-1])
     assert lines[-1] == "['gradgraph.bench', 'gradgraph.errors', 'gradgraph.registry']"
 

@@ -91,3 +91,15 @@ def test_cli_trains_the_trace_task(tmp_path, dataset, monkeypatch):
             "4", "--epochs", "1", "--batch-size", "4", "--out-dir", str(tmp_path / "runs"), "--threads", "1"]
     assert main(args) == 0
     assert (tmp_path / "runs" / "gradmetanet-n4-s0" / "metrics.json").exists()
+
+
+def test_bench_writes_the_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADGRAPH_DATASETS", str(tmp_path / "datasets"))
+    args = ["bench", "curvature-trace", "--preset", "tiny", "--out-dir", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "results"), "--quiet", "--threads", "1"]
+    assert main(args) == 0
+    table = (tmp_path / "results" / "curvature_trace_tiny.md").read_text()
+    for row in ("| standard |", "| s-calibrated |", "| pooled-mlp |", "| gradmetanet |", "noise of the targets"):
+        assert row in table
+    assert (tmp_path / "results" / "curvature_trace_tiny.png").stat().st_size > 1000
+    assert main([*args, "--report-only"]) == 0  # reads the finished run back

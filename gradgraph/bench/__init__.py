@@ -22,6 +22,9 @@ BENCHMARKS.register("capture", "gradgraph.bench:capture",
 BENCHMARKS.register("curvature", "gradgraph.bench:curvature",
                     help="Curvature estimation: every model over training sizes and seeds, against S and calibrated "
                          "estimators.")
+BENCHMARKS.register("curvature-trace", "gradgraph.bench:curvature_trace",
+                    help="Fisher trace of million-parameter SIRENs: GradMetaNet against S, calibrated S and a "
+                         "pooled-statistics MLP.")
 BENCHMARKS.register("editing", "gradgraph.bench:editing",
                     help="INR editing: every model over seeds on the digit INRs, against no edit, the oracle and k "
                          "Adam steps.")

@@ -45,6 +45,15 @@ CURVATURE_PRESETS = {
                  models=("gradmetanet", "gmn-average")),
 }
 
+TRACE_PRESETS = {
+    # one run of about 45 min on a shared 2-core CPU (the scaled variant's defaults)
+    "cpu": dict(sizes=(500,), seeds=(0,), epochs=15, num_models=1000, width=1024, num_points=32),
+    # more seeds and a smaller training set (~2.5 h)
+    "cpu-seeds": dict(sizes=(100, 500), seeds=(0, 1, 2), epochs=15, num_models=1000, width=1024, num_points=32),
+    # for tests: seconds
+    "tiny": dict(sizes=(10,), seeds=(0,), epochs=2, num_models=30, width=8, num_points=6),
+}
+
 EDITING_PRESETS = {
     # the protocol: every model, 3 seeds, up to 100 epochs with early stopping
     "full": dict(num_images=1797, seeds=(0, 1, 2), epochs=100, patience=15, models=EDITING_MODEL_NAMES),
@@ -144,6 +153,20 @@ def curvature(p: argparse.ArgumentParser) -> None:
     threads(p)
 
 
+def curvature_trace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(TRACE_PRESETS), default="cpu", help="grid to run (default cpu)")
+    p.add_argument("--sizes", nargs="+", type=int, help="override the training-set sizes")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
+    p.add_argument("--epochs", type=int, help="override the epochs")
+    p.add_argument("--datasets-dir", help="parent folder of the datasets (default $GRADGRAPH_DATASETS or datasets/)")
+    p.add_argument("--out-dir", help="run folders (default runs/curvature-trace-<preset>)")
+    p.add_argument("--results", default="benchmarks/results", help="where the table and plot go")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
+    p.add_argument("--report-only", action="store_true", help="only aggregate finished runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    threads(p)
+
+
 def editing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(EDITING_PRESETS), default="cpu", help="grid to run (default cpu)")
     p.add_argument("--models", nargs="+", choices=EDITING_MODEL_NAMES, help="override the preset's models")
@@ -224,5 +247,5 @@ def norms(p: argparse.ArgumentParser) -> None:
 
 
 # benchmark name -> the function that adds its options to a parser
-ARGUMENTS = {"capture": capture, "curvature": curvature, "editing": editing, "lopt": lopt, "lopt-step": lopt_step,
-             "metanet": metanet, "norms": norms}
+ARGUMENTS = {"capture": capture, "curvature": curvature, "curvature-trace": curvature_trace, "editing": editing,
+             "lopt": lopt, "lopt-step": lopt_step, "metanet": metanet, "norms": norms}
