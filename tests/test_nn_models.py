@@ -92,6 +92,38 @@ def test_space_and_layer_scales_differ_only_where_spaces_span_layers():
     assert not torch.allclose(by_layer[~entry_single], by_space[~entry_single])
 
 
+@pytest.mark.parametrize("family", ["mlp", "gpt"])
+def test_layer_pooled_graph_head_is_invariant(family):
+    e_sample, e_neuron = _errors(_net(GradMetaNet, "graph", graph_pool="layer"), "graph", *_graphs(family))
+    assert e_sample < 1e-6 and e_neuron < 1e-6
+
+
+def test_layer_pooled_graph_head_weighs_every_layer_equally():
+    """pool="layer" is the mean over layers of each layer's mean node embedding (checked on a batch of two
+    graphs against a loop), and differs from the node mean where layers have different sizes."""
+    from torch_geometric.data import Batch
+
+    from gradgraph.nn import GraphHead
+
+    g = _graphs("mlp")[0]
+    batch = Batch.from_data_list([g, g])
+    layout = BatchLayout(batch)
+    torch.manual_seed(0)
+    u = torch.randn(layout.num_nodes, 4, dtype=torch.float64)
+    head = GraphHead(4, 3, pool="layer").double()
+    got = head(u, layout)
+    n = g.num_nodes
+    for k in range(2):
+        uk, layer = u[k * n:(k + 1) * n], g.node_layer
+        pooled = torch.stack([uk[layer == lay].mean(0) for lay in layer.unique()]).mean(0)
+        torch.testing.assert_close(got[k], head.mlp(pooled))
+    mean_head = GraphHead(4, 3, pool="mean").double()
+    mean_head.load_state_dict(head.state_dict())
+    assert not torch.allclose(mean_head(u, layout), got)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        GraphHead(4, 3, pool="max")
+
+
 def test_edge_messages_keep_equivariance():
     e_sample, e_neuron = _errors(_net(GradMetaNet, "param", edge_messages=True), "param", *_graphs("gpt"))
     assert e_sample < 1e-6 and e_neuron < 1e-6

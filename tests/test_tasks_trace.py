@@ -99,7 +99,7 @@ def test_bench_writes_the_table_and_plot(tmp_path, monkeypatch):
             str(tmp_path / "results"), "--quiet", "--threads", "1"]
     assert main(args) == 0
     table = (tmp_path / "results" / "curvature_trace_tiny.md").read_text()
-    for row in ("| standard |", "| s-calibrated |", "| pooled-mlp |", "| gradmetanet |", "noise of the targets"):
+    for row in ("| standard |", "| s-calibrated |", "| pooled-mlp |", "| gradmetanet | 1 |", "noise of the targets"):
         assert row in table
     assert (tmp_path / "results" / "curvature_trace_tiny.png").stat().st_size > 1000
     assert main([*args, "--report-only"]) == 0  # reads the finished run back

@@ -30,14 +30,15 @@ METRIC_KEYS = (("logratio", "logratio"), ("relerr", "relerr"), ("nmae", "abserr"
 
 def _configs(args) -> list[TraceConfig]:
     g = dict(PRESETS[args.preset])
-    for key in ("sizes", "seeds", "epochs"):
+    for key in ("models", "sizes", "seeds", "epochs"):
         if getattr(args, key, None) is not None:
             g[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
     out_dir = args.out_dir or f"runs/curvature-trace-{args.preset}"
     root = None if not args.datasets_dir else str(Path(args.datasets_dir) / "siren_trace")
-    return [TraceConfig(train_size=n, seed=s, epochs=g["epochs"], num_models=g["num_models"], width=g["width"],
-                        num_points=g["num_points"], out_dir=out_dir, device=args.device, dataset_root=root)
-            for n in g["sizes"] for s in g["seeds"]]
+    return [TraceConfig(model=m, train_size=n, seed=s, epochs=g["epochs"], num_models=g["num_models"],
+                        width=g["width"], num_points=g["num_points"], out_dir=out_dir, device=args.device,
+                        dataset_root=root)
+            for n in g["sizes"] for m in g["models"] for s in g["seeds"]]
 
 
 def _per_model(runs: list[dict], row: str, key: str) -> torch.Tensor:
@@ -52,31 +53,36 @@ def _mean_std(xs) -> str:
     return f"{mean:.4f} ± {math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)):.4f}"
 
 
-def report(results: dict[int, list[dict]], header: str) -> str:
-    cfg = next(iter(results.values()))[0]["config"]
-    w = cfg["width"]
-    lines = [f"# Fisher trace of a SIREN 1-{w}-{w}-1 ({w * w + 4 * w + 1:,} parameters) from {cfg['num_points']} "
+def report(results: dict[int, dict[str, list[dict]]], header: str) -> str:
+    """``results[size][model]``: the finished runs (one per seed). The baselines come from the first model's
+    first run (they are fitted on the split, the same for every model and seed up to the MLP's seed)."""
+    first = next(iter(next(iter(results.values())).values()))[0]["config"]
+    w = first["width"]
+    lines = [f"# Fisher trace of a SIREN 1-{w}-{w}-1 ({w * w + 4 * w + 1:,} parameters) from {first['num_points']} "
              "gradients (scaled curvature variant)", "", header, ""]
-    for n, runs in sorted(results.items()):
-        model = runs[0]["config"]["model"]
-        lines += [f"## {n} training models, {len(runs)} seed(s), {runs[0]['epochs_run']} epochs "
-                  f"({runs[0]['train_time_s'] / 60:.0f} min training per run)", "",
-                  "| row | mean abs log-ratio | relative error | normalized MAE |", "|---|---|---|---|"]
+    for n, by_model in sorted(results.items()):
+        ref = next(iter(by_model.values()))[0]
+        n_test = len(ref["test_per_model"]["standard"]["logratio"])
+        lines += [f"## {n} training models", "", "| row | seeds | epochs | training time per run | mean abs log-ratio "
+                  "| relative error | normalized MAE |", "|---|---|---|---|---|---|---|"]
         for row in ROWS:
-            r = runs[0]["rows"][row]
-            lines.append(f"| {row} | {r['logratio']:.4f} | {r['relerr']:.4f} | {r['nmae']:.4f} |")
-        lines.append(f"| {model} | " + " | ".join(_mean_std(r["rows"][model][k] for r in runs)
-                                                   for k, _ in METRIC_KEYS) + " |")
-        lines.append(f"| noise of the targets (estimate) | {runs[0]['noise_logratio']:.4f} | | |")
-        lines += ["", f"{model}'s improvement (1 - its error / the row's), 95% paired bootstrap over the "
-                  f"{len(runs[0]['test_per_model'][model]['logratio'])} test models:", "",
-                  "| against | log-ratio | relative error | MAE |", "|---|---|---|---|"]
-        for row in ROWS:
-            cells = []
-            for _, key in METRIC_KEYS:
-                b = paired_bootstrap(_per_model(runs, model, key), _per_model(runs, row, key))
-                cells.append(f"{100 * b['improvement']:+.1f}% [{100 * b['lo']:+.1f}, {100 * b['hi']:+.1f}]")
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            r = ref["rows"][row]
+            lines.append(f"| {row} | | | | {r['logratio']:.4f} | {r['relerr']:.4f} | {r['nmae']:.4f} |")
+        for model, runs in by_model.items():
+            lines.append(f"| {model} | {len(runs)} | {runs[0]['epochs_run']} | "
+                         f"{sum(r['train_time_s'] for r in runs) / len(runs) / 60:.0f} min | "
+                         + " | ".join(_mean_std(r["rows"][model][k] for r in runs) for k, _ in METRIC_KEYS) + " |")
+        lines.append(f"| noise of the targets (estimate) | | | | {ref['noise_logratio']:.4f} | | |")
+        lines += ["", f"Improvement (1 - the model's error / the row's), 95% paired bootstrap over the {n_test} test "
+                  "models (per-model errors averaged over seeds):", "",
+                  "| model | against | log-ratio | relative error | MAE |", "|---|---|---|---|---|"]
+        for model, runs in by_model.items():
+            for row in ROWS:
+                cells = []
+                for _, key in METRIC_KEYS:
+                    b = paired_bootstrap(_per_model(runs, model, key), _per_model([ref], row, key))
+                    cells.append(f"{100 * b['improvement']:+.1f}% [{100 * b['lo']:+.1f}, {100 * b['hi']:+.1f}]")
+                lines.append(f"| {model} | {row} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Rows fitted on the same training split: `s-calibrated` is exp(a log S + b) by least squares, "
               "`pooled-mlp` an MLP on pooled set statistics predicting a log-correction of S (see "
@@ -85,7 +91,7 @@ def report(results: dict[int, list[dict]], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[int, list[dict]], path: Path) -> None:
+def plot(results: dict[int, dict[str, list[dict]]], path: Path) -> None:
     """Per training size: the sorted |log(prediction / target)| over test models of every row (an inverse
     CDF: lower is better everywhere along the curve)."""
     import matplotlib
@@ -96,14 +102,14 @@ def plot(results: dict[int, list[dict]], path: Path) -> None:
     sizes = sorted(results)
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, n in zip(axes[0], sizes):
-        runs = results[n]
-        model = runs[0]["config"]["model"]
-        for row, style in zip((*ROWS, model), ("--", ":", "-.", "-")):
+        ref = next(iter(results[n].values()))[0]
+        curves = [(row, [ref], "--") for row in ROWS] + [(m, runs, "-") for m, runs in results[n].items()]
+        for row, runs, style in curves:
             v = _per_model(runs, row, "logratio").sort().values
             ax.plot(torch.linspace(0, 1, len(v)), v, style, label=f"{row} (mean {float(v.mean()):.4f})")
-        ax.axhline(runs[0]["noise_logratio"], color="0.5", lw=0.8, label="target noise (mean)")
+        ax.axhline(ref["noise_logratio"], color="0.5", lw=0.8, label="target noise (mean)")
         ax.set(xlabel="fraction of test models", ylabel="|log(prediction / target)|", yscale="log",
-               title=f"tr(F), {n} training models, {len(runs)} seed(s)")
+               title=f"tr(F), {n} training models")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -119,11 +125,11 @@ def run(args) -> int:
         ds = load_dataset(configs[0], progress=not args.quiet)
         for cfg in configs:
             train_trace(cfg, ds, progress=not args.quiet)
-    results: dict[int, list[dict]] = {}
+    results: dict[int, dict[str, list[dict]]] = {}
     for cfg in configs:
         m = RunDir(cfg.run_dir, cfg.identity()).finished()
         if m is not None:
-            results.setdefault(cfg.train_size, []).append(m)
+            results.setdefault(cfg.train_size, {}).setdefault(cfg.model, []).append(m)
     if not results:
         raise SystemExit(f"no finished runs under {configs[0].out_dir}: run without --report-only first")
     header = (f"Table written on: {machine_description()}. Wall time of this call: "

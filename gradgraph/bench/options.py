@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 
-from ..tasks.configs import CURVATURE_MODELS, EDITING_MODELS, CurvatureConfig
+from ..tasks.configs import CURVATURE_MODELS, EDITING_MODELS, TRACE_MODELS, CurvatureConfig
 
 __all__ = ["ARGUMENTS", "threads"]
 
@@ -46,12 +46,15 @@ CURVATURE_PRESETS = {
 }
 
 TRACE_PRESETS = {
-    # one run of about 45 min on a shared 2-core CPU (the scaled variant's defaults)
-    "cpu": dict(sizes=(500,), seeds=(0,), epochs=15, num_models=1000, width=1024, num_points=32),
-    # more seeds and a smaller training set (~2.5 h)
-    "cpu-seeds": dict(sizes=(100, 500), seeds=(0, 1, 2), epochs=15, num_models=1000, width=1024, num_points=32),
+    # one run per model of about 45 min each on a shared 2-core CPU (the scaled variant's defaults)
+    "cpu": dict(models=tuple(TRACE_MODELS), sizes=(500,), seeds=(0,), epochs=15, num_models=1000, width=1024,
+                num_points=32),
+    # more seeds and a smaller training set (~5 h)
+    "cpu-seeds": dict(models=("gradmetanet",), sizes=(100, 500), seeds=(0, 1, 2), epochs=15, num_models=1000,
+                      width=1024, num_points=32),
     # for tests: seconds
-    "tiny": dict(sizes=(10,), seeds=(0,), epochs=2, num_models=30, width=8, num_points=6),
+    "tiny": dict(models=("gradmetanet",), sizes=(10,), seeds=(0,), epochs=2, num_models=30, width=8,
+                 num_points=6),
 }
 
 EDITING_PRESETS = {
@@ -155,6 +158,7 @@ def curvature(p: argparse.ArgumentParser) -> None:
 
 def curvature_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(TRACE_PRESETS), default="cpu", help="grid to run (default cpu)")
+    p.add_argument("--models", nargs="+", choices=list(TRACE_MODELS), help="override the preset's models")
     p.add_argument("--sizes", nargs="+", type=int, help="override the training-set sizes")
     p.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
     p.add_argument("--epochs", type=int, help="override the epochs")

@@ -29,14 +29,34 @@ class NodeHead(nn.Module):
 
 
 class GraphHead(nn.Module):
-    """L_Vec, the invariant head: mean of node embeddings per graph -> [num_graphs, C]."""
+    """L_Vec, the invariant head: node embeddings pooled per graph, then an MLP -> [num_graphs, C].
 
-    def __init__(self, channels: int, out_channels: int) -> None:
+    ``pool="mean"``: the mean over the graph's nodes (the paper). ``pool="layer"``: the mean over each layer's
+    nodes, then the mean over the graph's layers, so that a layer of one neuron (a scalar input, the output)
+    weighs as much as one of a thousand instead of vanishing in the mean; still invariant to every neuron
+    permutation, since layers are never permuted."""
+
+    POOLS = ("mean", "layer")
+
+    def __init__(self, channels: int, out_channels: int, pool: str = "mean") -> None:
         super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"GraphHead pool must be one of {self.POOLS}, got {pool!r}")
         self.mlp = mlp(channels, channels, out_channels)
+        self.pool = pool
+
+    def _layer_segments(self, layout: BatchLayout) -> tuple[Tensor, Tensor, int]:
+        """Per node its (graph, layer) segment, per segment its graph, the number of segments."""
+        key = layout.node_graph * (int(layout.graph.node_layer.max()) + 1) + layout.graph.node_layer
+        uniq, seg = torch.unique(key, return_inverse=True)
+        return seg, uniq // (int(layout.graph.node_layer.max()) + 1), uniq.numel()
 
     def forward(self, u: Tensor, layout: BatchLayout) -> Tensor:
-        return self.mlp(scatter(u, layout.node_graph, 0, dim_size=layout.num_graphs, reduce="mean"))
+        if self.pool == "mean":
+            return self.mlp(scatter(u, layout.node_graph, 0, dim_size=layout.num_graphs, reduce="mean"))
+        seg, seg_graph, n = layout.memo("graph_head_layers", lambda: self._layer_segments(layout))
+        per_layer = scatter(u, seg, 0, dim_size=n, reduce="mean")
+        return self.mlp(scatter(per_layer, seg_graph, 0, dim_size=layout.num_graphs, reduce="mean"))
 
 
 class MomentTerms(nn.Module):

@@ -40,6 +40,8 @@ class GradMetaNet(nn.Module):
             running-scale units, see ``MomentTerms``); None (default) starts from a random combination.
         norm_by: input normalization of (a, g) per ``"layer"`` (default) or per neuron ``"space"`` (see
             ``scale_normalize``).
+        graph_pool: ``out_level="graph"``'s pooling, ``"mean"`` over nodes (the paper) or ``"layer"`` (each
+            layer weighs the same, see ``GraphHead``).
 
     Input sizes come from the graph: any architecture, any set size, one net. Equivariant to reordering
     the samples and to every neuron permutation of the graph's symmetry group. Cost: O(E f^2) per set layer,
@@ -49,7 +51,8 @@ class GradMetaNet(nn.Module):
     def __init__(self, hidden_channels: int = 64, num_layers: int = 4, out_level: str = "param",
                  out_channels: int = 1, set_layers: int | None = None, pools: tuple[str, ...] = SET_POOLS,
                  pe_dim: int = 16, bilinear_channels: int = 8, edge_messages: bool = False,
-                 param_features: int = 0, head_init: str | None = None, norm_by: str = "layer") -> None:
+                 param_features: int = 0, head_init: str | None = None, norm_by: str = "layer",
+                 graph_pool: str = "mean") -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         f = hidden_channels
@@ -68,7 +71,7 @@ class GradMetaNet(nn.Module):
         elif out_level == "node":
             self.head = NodeHead(f, out_channels)
         else:
-            self.head = GraphHead(f, out_channels)
+            self.head = GraphHead(f, out_channels, graph_pool)
 
     def forward(self, graph: GradientGraph, param_features: Tensor | None = None) -> Tensor:
         _check(graph, self.out_level)

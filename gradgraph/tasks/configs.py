@@ -77,8 +77,13 @@ class CurvatureConfig(TrainConfig):
 
 # trace model name -> (registered metanetwork, hyperparameters): graph-level heads (one number per model). No
 # edge messages: a 1024 x 1024 layer has a million edges, and the set layers already see every neuron's (a, g).
+# "gradmetanet" pools per layer before the head, so that the one input neuron (whose activations are the inputs
+# x, which carry the distribution X_p) weighs as much as a hidden layer; "gradmetanet-meanpool" is the paper's
+# mean over all 2,050 nodes, where the input neuron counts 1/2050.
 TRACE_MODELS: dict[str, tuple[str, dict]] = {
-    "gradmetanet": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph")),
+    "gradmetanet": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph",
+                                        graph_pool="layer")),
+    "gradmetanet-meanpool": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph")),
 }
 
 
