@@ -195,3 +195,6 @@ def test_shrink_output_corrects_the_calibrated_baseline(tmp_path, dataset):
     assert all(bool((v > 0).all()) for v in fisher.values())
     with pytest.raises(StructureMismatchError, match="output='shrink'.*--output positive"):
         est.predict(nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)), torch.randn(6, 1))
+    wider, _, x, _ = make_model(3, 0, hidden=(40, 32), num_points=8, num_fisher_points=8)  # same names, other sizes
+    with pytest.raises(StructureMismatchError, match="linears.0.weight': 40"):
+        est.predict(wider.float(), x.float())

@@ -265,21 +265,25 @@ class FisherEstimator:
     with the same parameter tensors."""
 
     def __init__(self, cfg: CurvatureConfig, net: nn.Module, mu: float, sigma: float,
-                 shrink: dict[str, float] | None = None) -> None:
+                 shrink: dict[str, tuple[float, int]] | None = None) -> None:
+        """``shrink``: for ``output="shrink"``, per parameter tensor of the training architecture its
+        (lambda, number of entries)."""
         self.cfg, self.net, self.mu, self.sigma, self.shrink = cfg, net.eval(), mu, sigma, shrink
 
     def _base(self, graph, standard: torch.Tensor) -> torch.Tensor:
         if self.cfg.output != "shrink":
             return standard
-        names = [p.name for p in graph.spec.trainable]
-        if names != list(self.shrink):
+        have = {p.name: p.numel for p in graph.spec.trainable}
+        trained = {name: size for name, (_, size) in self.shrink.items()}
+        if have != trained:  # names and sizes: a SIREN of another width has the same names
             raise StructureMismatchError(
-                f"this estimator was trained with output='shrink' on the parameter tensors {list(self.shrink)}, "
-                f"but the model has {names}: its per-tensor shrinkage does not transfer; use a run trained with "
-                "--output positive for other architectures")
+                f"this estimator was trained with output='shrink' on the parameter tensors (name: entries) "
+                f"{trained}, but the model has {have}: its per-tensor shrinkage does not transfer; use a run "
+                "trained with --output positive for other architectures")
         sizes = torch.tensor([p.numel for p in graph.spec.trainable])
         tensor_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        return shrink_base(standard, torch.tensor(list(self.shrink.values())), tensor_of)
+        lam = torch.tensor([self.shrink[p.name][0] for p in graph.spec.trainable])
+        return shrink_base(standard, lam, tensor_of)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, inputs, targets=None, loss_fn=None) -> dict[str, torch.Tensor]:
@@ -313,5 +317,8 @@ def load(path) -> FisherEstimator:
     net = build_model(cfg.model, cfg.num_points, param_features=2 * log_features)
     model = OutputAffine(LogStandardFeatures(net) if log_features else net)
     model.load_state_dict(payload["model"])
-    shrink = dict(zip(metrics["tensors"], metrics["shrink"])) if cfg.output == "shrink" else None
+    shrink = None
+    if cfg.output == "shrink":
+        shrink = {n: (lam, size) for n, lam, size in zip(metrics["tensors"], metrics["shrink"],
+                                                           metrics["tensor_sizes"])}
     return FisherEstimator(cfg, model, metrics["target_mean"], metrics["target_std"], shrink)

@@ -32,7 +32,8 @@ from .configs import TRACE_MODELS, TraceConfig
 from .curvature import MAX_LOG_RATIO, OutputAffine
 from .curvature_metrics import paired_bootstrap
 
-__all__ = ["TraceTask", "TraceConfig", "train_trace", "pooled_statistics", "fit_baselines", "TRACE_METRICS"]
+__all__ = ["TraceTask", "TraceConfig", "train_trace", "pooled_statistics", "fit_baselines", "noise_logratio",
+           "TRACE_METRICS"]
 
 TRACE_METRICS = ("logratio", "relerr", "nmae")
 CALIBRATION_GRAPHS = 64  # training graphs that set the frozen input scales
