@@ -314,3 +314,77 @@ def test_a_product_over_the_batch_mixes_samples():
 
     with pytest.raises(gradgraph.SampleMixingError, match="batch"):
         gradgraph.capture(Gram(), torch.randn(3, 3))
+
+
+class RowMLP(nn.Module):
+    """An MLP run on [b*T, d] rows (``h.reshape(-1, d)``, as Hugging Face's OPT does), with a LayerNorm and a
+    residual addition on the rows; ``order``: 'batch' merges (b, T) sample-major, 'time' merges (T, b) (then a
+    row of the [b*T, d] view is not one sample's), 'sum' adds up all rows (mixes samples)."""
+
+    def __init__(self, order="batch"):
+        super().__init__()
+        self.order = order
+        self.inp, self.norm, self.fc1, self.fc2 = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 6), nn.Linear(6, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        shape = h.shape
+        rows = (h if self.order != "time" else h.transpose(0, 1)).reshape(-1, h.shape[-1])
+        r = rows + self.fc2(torch.relu(self.fc1(self.norm(rows))))
+        if self.order == "sum":
+            r = r + r.sum(0)
+        if self.order == "time":
+            return self.out(r.view(shape[1], shape[0], -1).transpose(0, 1))
+        return self.out(r.view(shape))
+
+
+def test_ops_on_rows_of_merged_batch_and_time_run_per_sample():
+    """[b, T, d] -> [b*T, d] (sample-major) -> linear/LayerNorm -> view back: exact per-sample gradients, the
+    ops' activations are [b, T, ...] per sample, the hidden units and the stream permute. Negatives: the rows
+    merged time-major, or summed over, are refused, and moving fc1's units without fc2 changes the function."""
+    torch.manual_seed(4)
+    m, x, y = RowMLP().double(), torch.randn(3, 5, 3, dtype=D), torch.randn(3, 5, 2, dtype=D)
+    _check_grads(m, x, y)
+    g = gradgraph.capture(m, x, y, per_sample_mse)
+    assert all(g.spec.layers[op.in_layer].space is not None for op in g.spec.ops)
+    spaces = _spaces(m, x)
+    assert spaces["fc1.out"].permutable and spaces["inp.out"].permutable
+    s = _moving_symmetry(m, x)
+    assert _preserves(m, s, x)
+    broken = gradgraph.apply_symmetry(m, s)
+    with torch.no_grad():
+        broken.fc1.weight.copy_(broken.fc1.weight.roll(1, 0))
+        broken.fc1.bias.copy_(broken.fc1.bias.roll(1, 0))
+    assert not torch.allclose(broken(x), m(x))
+    for order in ("time", "sum"):
+        with pytest.raises(gradgraph.SampleMixingError):
+            gradgraph.capture(RowMLP(order).double(), x, y, per_sample_mse)
+
+
+class CumsumPositions(nn.Module):
+    """Position ids from a per-sample mask, ``mask.cumsum(1) * mask - 1`` (OPT's), looked up in a table."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(7, 4), nn.Embedding(8, 4), nn.Linear(4, 2)
+
+    def forward(self, ids, mask):
+        pos = (mask.cumsum(1) * mask - 1).long() + 2
+        return self.out(self.tok(ids) + self.pos(pos))
+
+
+def test_position_ids_from_a_cumsum_over_a_padded_mask():
+    """The ids are input data (cumsum has no glue handler: it only keeps its input's spaces from moving, and a
+    mask has none), so the lookups are exact per sample with padding, and the token stream still permutes."""
+    torch.manual_seed(5)
+    m = CumsumPositions().double()
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    inputs, y = {"ids": torch.randint(7, (3, 5)), "mask": mask}, torch.randn(3, 5, 2, dtype=D)
+    g = gradgraph.capture(m, inputs, y, per_sample_mse)
+    assert_tensors_close(g.per_sample_grads(), per_sample_grads(m, inputs, y, per_sample_mse), rtol=1e-9)
+    spaces = _spaces(m, inputs)
+    assert spaces["tok.out"].permutable
+    s = _moving_symmetry(m, inputs)
+    assert torch.allclose(gradgraph.apply_symmetry(m, s)(**inputs), m(**inputs), rtol=1e-9, atol=1e-10)

@@ -272,3 +272,77 @@ def test_rotary_keeps_head_permutations_and_a_per_head_constant_does_not():
     assert not torch.equal(s.perms["q.out"], torch.arange(8))  # this draw moves the heads of m
     s.spec = spec
     assert not _same_output(gradgraph.apply_symmetry(fixed, s), fixed, x)
+
+
+def opt(proj: int = 8, before: bool = True, attn: str = "sdpa", tied: bool = True):
+    cfg = transformers.OPTConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, ffn_dim=12, num_attention_heads=2,
+                                 max_position_embeddings=16, word_embed_proj_dim=proj, do_layer_norm_before=before,
+                                 dropout=0.0, attention_dropout=0.0, use_cache=False, pad_token_id=1,
+                                 tie_word_embeddings=tied, attn_implementation=attn)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(cfg).double().eval()
+
+
+OPT_CONFIGS = {"tied": {}, "post-norm": {"before": False}, "projected": {"proj": 6},
+               "untied-eager": {"tied": False, "attn": "eager"}}
+
+
+@pytest.mark.parametrize("cfg", list(OPT_CONFIGS), ids=list(OPT_CONFIGS))
+def test_hf_opt(cfg):
+    """OPT: a learned positional embedding (an nn.Embedding subclass whose forward computes the position ids,
+    then looks up ids + 2 with super().forward: its own forward runs, the lookup is the embedding op), an MLP
+    run on the activations flattened to [b*T, d] (the ops see [b, T, d], so they still run per sample), pre- or
+    post-LayerNorm, project_in/project_out when word_embed_proj_dim != hidden_size, lm_head tied to
+    embed_tokens (one parameter, two uses)."""
+    kw = OPT_CONFIGS[cfg]
+    m = opt(**kw)
+    x, y = _batch(13)
+    g = check_model(m, x, y, lm_loss)
+    ops = {op.name: op for op in g.spec.ops}
+    spaces = {s.key: s for s in g.spec.spaces}
+    pos = ops["model.decoder.embed_positions"]
+    assert pos.kind == "embedding" and spaces["model.decoder.embed_positions.vocab"].size == 16 + 2
+    uses = [op.name for op in g.spec.ops
+            if op.weight is not None and op.weight.name == "model.decoder.embed_tokens.weight"]
+    tied = kw.get("tied", True)
+    assert uses == (["model.decoder.embed_tokens", "lm_head"] if tied else ["model.decoder.embed_tokens"])
+    assert ("lm_head.weight" in {p.name for p in g.spec.params}) != tied
+    assert ("model.decoder.project_in" in ops) == ("model.decoder.project_out" in ops) == ("proj" in kw)
+    for k in range(2):
+        assert spaces[f"model.decoder.layers.{k}.fc1.out"].permutable  # the MLP behind reshape(-1, d)
+        q = spaces[f"model.decoder.layers.{k}.self_attn.q_proj.out"]
+        assert q.heads == 2 and q.heads_permutable
+    # the position table's output joins the residual stream (project_in's output when projected), which permutes
+    first = ops["model.decoder.project_in" if "proj" in kw else "model.decoder.embed_tokens"]
+    stream = g.spec.layers[pos.out_layer].space
+    assert stream == g.spec.layers[first.out_layer].space and g.spec.spaces[stream].permutable
+
+
+def test_hf_opt_broken_symmetry_changes_the_function():
+    """Negative: a permutation of the query/key space that swaps one dim of head 0 with one of head 1 (the same
+    for q and k, so q.k summed over all dims is kept, but not the per-head scores) changes the output; so does
+    moving the MLP's hidden units in fc1 without fc2."""
+    m = opt(proj=6)
+    x, _ = _batch(13)
+    s = _moving_symmetry(m, x)
+    s.perms["model.decoder.layers.0.self_attn.q_proj.out"] = torch.tensor([4, 1, 2, 3, 0, 5, 6, 7])
+    assert not _same_output(gradgraph.apply_symmetry(m, s), m, x)
+    moved = gradgraph.apply_symmetry(m, _moving_symmetry(m, x))
+    with torch.no_grad():
+        fc1 = moved.model.decoder.layers[1].fc1
+        fc1.weight.copy_(fc1.weight.roll(1, 0))
+        fc1.bias.copy_(fc1.bias.roll(1, 0))
+    assert not _same_output(moved, m, x)
+
+
+def test_hf_opt_attention_mask_is_refused_by_the_batch_wide_mask_check():
+    """With an attention mask, OPT computes its position ids per sample (mask.cumsum(1), which the tracer
+    follows), but Hugging Face's mask builder then decides whether to drop the mask from ``mask.sum() ==
+    mask.numel()`` over the whole batch: data-dependent control flow on all samples, which gradgraph refuses
+    (torch.func's vmap refuses it as well)."""
+    m = opt()
+    x, y = _batch(13)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    with pytest.raises(gradgraph.SampleMixingError, match="reduces over the batch axis"):
+        gradgraph.capture(m, {"input_ids": x, "attention_mask": mask}, y, lm_loss)

@@ -67,6 +67,10 @@ ROWS = [
      lambda: (zoo.llama(), zoo._batch(13)[0])),
     ("HF `BertForMaskedLM` (sdpa and eager)", "separate q/k/v, token types, decoder tied to the word embeddings", "",
      "test_zoo.py::test_hf_bert_masked_lm", lambda: (zoo.bert(), zoo._batch(13)[0])),
+    ("HF `OPTForCausalLM` (tied, pre/post norm, projected)", "`OPTLearnedPositionalEmbedding` (ids + 2 through "
+     "`super().forward`), MLP on `[b*T, d]` rows, `project_in`/`project_out`, tied `embed_tokens`/`lm_head`",
+     "heads permute; attention masks refused (HF's batch-wide mask check)", "test_zoo.py::test_hf_opt",
+     lambda: (zoo.opt(proj=6), zoo._batch(13)[0])),
     ("HF `ViTForImageClassification`", "patch conv, bare `cls_token` and `position_embeddings`", "",
      "test_zoo_bare.py::test_hf_vit",
      lambda: (transformers.ViTForImageClassification(bare._vit_config()).double().eval(), _img(8))),

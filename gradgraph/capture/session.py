@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,7 @@ class CaptureSession:
         self._patched: list[tuple[nn.Module, object]] = []
         self._insite_by_tensor: dict[int, list[InSite]] = {}
         self._alive: list[Tensor] = []
+        self._row_views: dict[int, Tensor] = {}  # id of a [b*k, ...] input -> its [b, k, ...] view
         self._calls = 0
 
     # -- patching ---------------------------------------------------------------------------------------
@@ -180,6 +182,9 @@ class CaptureSession:
         ``transposed=True`` the weight is stored ``[in, out]`` and ``y = x W + b`` (Hugging Face ``Conv1D``,
         kind ``transposed_linear``). A flattened conv map ([b, C*H*W]) keeps its channels as nodes: the op
         then acts like a conv whose kernel covers the whole map (plain layout only)."""
+        k = self._rows(x)
+        if k > 1:  # [b*k, ..., in], k rows per sample: the op runs on the [b, k, ..., in] view
+            return self._by_rows(k, x, lambda v: self.linear(v, weight, bias, name, transposed))
         with self.tracer.suspend():  # the op and the bookkeeping; the tracer sees the op through its label
             W, wref = self._param(weight, "weight")
             B, bref = self._param(bias, "bias")
@@ -235,6 +240,11 @@ class CaptureSession:
         module input (for the dataflow), ``x_hat`` the normalized input (the activation the weight sees).
         ``buffers`` are per-neuron buffers (running statistics) that a permutation must move as well."""
         axis = axis % x.ndim
+        k = self._rows(x)
+        if k > 1 and axis > 0 and x_hat.shape == x.shape:
+            with self.tracer.suspend():
+                hat = x_hat.unflatten(0, (self.batch_size, k))
+            return self._by_rows(k, x, lambda v: self.diag(v, hat, weight, bias, axis + 1, buffers, name))
         with self.tracer.suspend():
             W, wref = self._param(weight, "weight")
             B, bref = self._param(bias, "bias")
@@ -310,6 +320,35 @@ class CaptureSession:
         if x.ndim == 0 or x.shape[0] != 1 or self.batch_size == 1 or self.tracer.get_label(x) is not None:
             return x
         return x.expand(self.batch_size, *x.shape[1:])
+
+    def _rows(self, x: Tensor) -> int:
+        """How many rows of each sample the first axis of ``x`` holds (``Label.rows``: [b*T, d] from
+        ``h.reshape(-1, d)``); 1 for a plain batch axis."""
+        lab = self.tracer.get_label(x)
+        if lab is None or lab.batch_axis != 0 or lab.rows == 1 or x.shape[0] != self.batch_size * lab.rows:
+            return 1
+        return lab.rows
+
+    def _by_rows(self, k: int, x: Tensor, primitive) -> Tensor:
+        """Run ``primitive`` on the [b, k, ...] view of ``x`` ([b*k, ...], k rows per sample, sample-major) and
+        return its output as [b*k, ...] again: the op runs per sample (its a and g are [b, k, ...]) and the
+        forward is unchanged. The view of one tensor is made once, so the ops that share ``x`` share its input
+        nodes, and an in-place change of ``x`` still saves the recorded activations."""
+        v = self._row_views.get(id(x))
+        if v is None:
+            lab = self.tracer.get_label(x)
+            with self.tracer.suspend():
+                v = x.unflatten(0, (self.batch_size, k))
+            self.tracer.set_label(v, replace(lab, axes=tuple(a + 1 for a in lab.axes), rows=1))
+            self._row_views[id(x)] = v
+            self._alive.append(x)
+            self._insite_by_tensor[id(v)] = self._insite_by_tensor.setdefault(id(x), [])
+        out = primitive(v)
+        with self.tracer.suspend():
+            merged = out.flatten(0, 1)
+        lab = self.tracer.get_label(out)
+        self.tracer.set_label(merged, replace(lab, axes=tuple(a - 1 for a in lab.axes), rows=k))
+        return merged
 
     def _check_batch(self, t: Tensor, opname: str, what: str) -> None:
         if t.ndim == 0 or t.shape[0] != self.batch_size:

@@ -43,6 +43,9 @@ class Label:
     op output this tensor was computed from by per-neuron elementwise ops only (so that output and this
     tensor can share one node: g from the op, a from its consumer). ``group`` lists the sizes of spatial
     dims flattened into the neuron axis after it (channel-major), as in ``conv -> flatten -> linear``.
+    ``rows`` is how many rows of each sample the batch axis holds, sample-major: ``h.reshape(-1, d)`` of a
+    [b, T, d] activation is [b*T, d] with ``rows == T`` (Hugging Face's OPT runs its MLP so). The parameterized
+    ops see such a tensor as [b, rows, ...], so they still run per sample.
     """
 
     space: int | None
@@ -50,6 +53,7 @@ class Label:
     batch_axis: int | None
     origin: int | None = None
     group: tuple[int, ...] = ()
+    rows: int = 1
 
 
 class GlueCall:

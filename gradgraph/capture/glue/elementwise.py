@@ -55,9 +55,16 @@ def elementwise(tracer, call: GlueCall) -> Label | None:
         labs.append(replace(lab, axes=axes, batch_axis=bax))
     name = call.name
     bax = tracer.check_same_batch([lab.batch_axis for lab in labs], name)
+    rows = {lab.rows for lab in labs if lab.batch_axis is not None}
+    if len(rows) > 1:
+        raise SampleMixingError(
+            f"op '{name}' combines tensors whose batch axes hold {' and '.join(map(str, sorted(rows)))} rows per "
+            "sample (a [b*T, d] view of the activations broadcast against a tensor of another layout), so rows of "
+            "one sample would meet rows of another. Reshape both to the same per-sample layout first.")
+    rows = rows.pop() if rows else 1
     hidden = [lab for lab in labs if lab.space is not None]
     if not hidden:
-        return Label(None, (), bax)
+        return Label(None, (), bax, rows=rows)
     ref = hidden[0]
     # a constant that differs across neurons (a buffer of size n along the neuron axis) breaks symmetry; one that
     # differs only along the dims of a head-split space, the same for every head (rotary cos/sin), keeps the
@@ -75,14 +82,14 @@ def elementwise(tracer, call: GlueCall) -> Label | None:
     if len(hidden) != len(labs):  # mixes a hidden space with input data
         for lab in hidden:
             tracer.spaces.fix(lab.space, f"combined with model input data by op '{name}'")
-        return Label(ref.space, ref.axes, bax, None, ref.group)
+        return Label(ref.space, ref.axes, bax, None, ref.group, rows)
     for lab in hidden[1:]:
         if lab.axes != ref.axes or lab.group != ref.group:
             for lb in hidden:
                 tracer.spaces.fix(lb.space, f"combined with a differently laid out tensor by op '{name}'")
             return None
         tracer.spaces.tie(ref.space, lab.space, f"op '{name}'")
-    return Label(ref.space, ref.axes, bax, None, ref.group)
+    return Label(ref.space, ref.axes, bax, None, ref.group, rows)
 
 
 @register_glue(*POOL)

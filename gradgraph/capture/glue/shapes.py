@@ -67,6 +67,27 @@ def _consecutive(dims: list[int]) -> bool:
     return all(b == a + 1 for a, b in zip(dims, dims[1:]))
 
 
+def _batch_after_reshape(tracer, lab: Label, src, dst, where) -> tuple[int | None, int]:
+    """Where the batch axis is after a reshape, and how many rows per sample it holds (``Label.rows``): kept or
+    cut into (samples, rows), its outermost dim is the batch if it is a multiple of the batch size; merged with
+    the dims right after it (``[b, T, d] -> [b*T, d]``), it holds their rows per sample (sample-major). Anything
+    else loses it (None)."""
+    bax = lab.batch_axis
+    if bax is None or src[bax] != tracer.batch_size * lab.rows:
+        return None, 1
+    if bax not in where:  # one row of one sample: [1, T, d] -> [T, d] holds T rows of it
+        return (0, dst[0]) if bax == 0 and dst and dst[0] > 1 and all(
+            0 not in where[ax][1] for ax in lab.axes if ax in where) else (None, 1)
+    a, b = where[bax]
+    if a == [bax]:
+        if dst[b[0]] % tracer.batch_size:
+            return None, 1
+        return b[0], dst[b[0]] // tracer.batch_size
+    if a[0] == bax and len(b) == 1 and all(src[k] == 1 for k in range(a[0], a[-1] + 1) if k not in a):
+        return b[0], lab.rows * math.prod(src[k] for k in a[1:])
+    return None, 1
+
+
 @register_glue(*RESHAPE)
 def reshape(tracer, call: GlueCall) -> Label | None:
     """Reshapes that keep the neuron axis whole, split it into (heads, dims), merge (heads, dims) back, or
@@ -80,39 +101,36 @@ def reshape(tracer, call: GlueCall) -> Label | None:
         return tracer.unknown(call)
     where = {d: (a, b) for a, b in groups for d in a}
 
-    bax = None
-    if lab.batch_axis is not None and src[lab.batch_axis] == tracer.batch_size:
-        a, b = where.get(lab.batch_axis, (None, None))
-        bax = b[0] if a == [lab.batch_axis] and len(b) == 1 else None
+    bax, rows = _batch_after_reshape(tracer, lab, src, dst, where)
     if lab.space is None:
-        return Label(None, (), bax)
+        return Label(None, (), bax, rows=rows)
     if len(lab.axes) == 1:
         ax = lab.axes[0]
         if src[ax] == 1:
-            return replace(lab, axes=(), batch_axis=bax, origin=None, group=())
+            return replace(lab, axes=(), batch_axis=bax, rows=rows, origin=None, group=())
         a, b = where[ax]
         bsizes = tuple(dst[d] for d in b)
         if lab.group:
             if a == [ax] and bsizes == (src[ax] // math.prod(lab.group),) + lab.group and _consecutive(b):
-                return replace(lab, axes=(b[0],), batch_axis=bax, group=())
+                return replace(lab, axes=(b[0],), batch_axis=bax, rows=rows, group=())
             if a == [ax] and len(b) == 1:
-                return replace(lab, axes=(b[0],), batch_axis=bax)
+                return replace(lab, axes=(b[0],), batch_axis=bax, rows=rows)
             return tracer.unknown(call)
         if a == [ax] and len(b) == 1:
-            return replace(lab, axes=(b[0],), batch_axis=bax)
+            return replace(lab, axes=(b[0],), batch_axis=bax, rows=rows)
         if a == [ax] and len(b) == 2 and _consecutive(b):
-            return replace(lab, axes=(b[0], b[1]), batch_axis=bax, origin=None)
+            return replace(lab, axes=(b[0], b[1]), batch_axis=bax, rows=rows, origin=None)
         if a[0] == ax and len(b) == 1 and _consecutive(a):
-            return replace(lab, axes=(b[0],), batch_axis=bax, group=tuple(src[d] for d in a[1:]))
+            return replace(lab, axes=(b[0],), batch_axis=bax, rows=rows, group=tuple(src[d] for d in a[1:]))
         return tracer.unknown(call)
     if len(lab.axes) == 2:
         h, d = lab.axes
         ah, bh = where[h]
         ad, bd = where[d]
         if ah == [h, d] and len(bh) == 1:
-            return replace(lab, axes=(bh[0],), batch_axis=bax)
+            return replace(lab, axes=(bh[0],), batch_axis=bax, rows=rows)
         if ah == [h] and ad == [d] and len(bh) == 1 and len(bd) == 1:
-            return replace(lab, axes=(bh[0], bd[0]), batch_axis=bax)
+            return replace(lab, axes=(bh[0], bd[0]), batch_axis=bax, rows=rows)
     return tracer.unknown(call)
 
 

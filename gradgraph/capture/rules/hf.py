@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .registry import register_lazy, register_rule
+from .registry import register_lazy, register_rule, through_super
 
 
 def conv1d_rule(ctx, m, x):
@@ -17,3 +17,10 @@ def _register_pytorch_utils() -> None:
 
 
 register_lazy("transformers.pytorch_utils", _register_pytorch_utils)
+
+
+def _register_opt() -> None:
+    register_rule(sys.modules["transformers.models.opt.modeling_opt"].OPTLearnedPositionalEmbedding)(through_super)
+
+
+register_lazy("transformers.models.opt.modeling_opt", _register_opt)

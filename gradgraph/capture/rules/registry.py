@@ -9,9 +9,13 @@ torch code may sit in between; the tracer follows it). Register one for your own
         h = ctx.linear(x, ctx.rows(module.weight, 0, module.d), name="first")
         return ctx.linear(h, ctx.rows(module.weight, module.d, 2 * module.d), name="second")
 
-A subclass of a registered type uses its parent's rule only if it does not override ``forward``. The built-in
-rules live one file per layer family beside this one (linear, conv, norm, embedding, attention), each
-registered with the same decorator (Opacus's ``register_grad_sampler`` is the model). See docs/capture.md.
+A subclass of a registered type uses its parent's rule only if it does not override ``forward``. A subclass whose
+``forward`` computes its own inputs and then calls ``super().forward(...)`` (Hugging Face's
+``OPTLearnedPositionalEmbedding``: position ids from the attention mask, then the parent's lookup) can be registered
+with :func:`through_super`: its own forward runs, traced like glue, and the ``super().forward`` call runs the
+parent's rule. The built-in rules live one file per layer family beside this one (linear, conv, norm, embedding,
+attention), each registered with the same decorator (Opacus's ``register_grad_sampler`` is the model). See
+docs/capture.md.
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["register_rule", "find_rule", "supported_modules"]
+from ...errors import UnsupportedModuleError
+
+__all__ = ["register_rule", "find_rule", "supported_modules", "through_super"]
 
 _RULES: dict[type, Callable] = {}
 _LAZY: dict[str, Callable[[], None]] = {}  # module name -> registers rules for its types once it is imported
@@ -75,3 +81,28 @@ def supported_modules() -> list[str]:
     if _LAZY:
         _load_lazy()
     return sorted(t.__name__ for t in _RULES)
+
+
+def through_super(ctx, module: nn.Module, *args, **kwargs):
+    """A rule for a subclass that overrides ``forward`` of a registered type only to compute the parent's inputs
+    (or to post-process its output) and calls ``super().forward(...)``: run the module's own ``forward`` (ordinary
+    torch code, which the tracer follows and checks like any glue) with that ``super().forward`` call running the
+    rule of the nearest registered base instead. Register it per type, ``register_rule(MySubclass)(through_super)``.
+    Exact whatever the override does: a use of the module's parameters outside the parent's forward (``F.embedding
+    (ids, self.weight)`` written out, ``self.weight * 2``) is a bare use, which the tracer records or refuses."""
+    cls = type(module)
+    base = next((b for b in cls.__mro__[1:] if b in _RULES and _RULES[b] is not through_super), None)
+    if base is None:
+        raise UnsupportedModuleError(
+            f"module '{ctx.path}' ({cls.__module__}.{cls.__qualname__}) is registered with through_super but no base "
+            f"class of it has a capture rule (supported modules: {', '.join(supported_modules())}).")
+    parent = _RULES[base]
+    # super(cls, module).forward resolves along type(module).__mro__: a class (cls, shim) puts the shim, whose
+    # forward is the parent's rule, right after cls and before base (C3 order: cls, shim, base, ...)
+    shim = type(f"_{base.__name__}Rule", (base,), {"forward": lambda self, *a, **k: parent(ctx, self, *a, **k)})
+    swapped = type(cls.__name__, (cls, shim), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    module.__class__ = swapped
+    try:
+        return cls.forward(module, *args, **kwargs)
+    finally:
+        module.__class__ = cls
