@@ -103,3 +103,28 @@ def test_bench_writes_the_table_and_plot(tmp_path, monkeypatch):
         assert row in table
     assert (tmp_path / "results" / "curvature_trace_tiny.png").stat().st_size > 1000
     assert main([*args, "--report-only"]) == 0  # reads the finished run back
+
+
+@pytest.mark.parametrize("name", list(__import__("gradgraph.tasks.configs", fromlist=["TRACE_MODELS"]).TRACE_MODELS))
+def test_every_trace_model_trains_one_epoch(tmp_path, dataset, name):
+    m = train_trace(_cfg(tmp_path, model=name, epochs=1), dataset, progress=False)
+    assert all(v > 0 for v in m["test_per_model"][name]["relerr"]) and m["parameters"] > 0
+
+
+def test_set_statistics_are_invariant_to_sample_order_and_neuron_permutations(dataset):
+    import gradgraph
+    from gradgraph.tasks.trace import set_statistics
+
+    model, _, x, _ = make_model(5, 0, DATA["hidden"], 30.0, DATA["num_points"], DATA["num_fisher_points"])
+
+    def stats(m, inputs):
+        g = capture(m, inputs)
+        g.sq_norms = g.per_sample_grad_norms().pow(2)
+        return set_statistics(g)
+
+    ref = stats(model, x)
+    torch.testing.assert_close(stats(model, x.flip(0)), ref)
+    s = gradgraph.random_symmetry(capture(model, x), generator=torch.Generator().manual_seed(0))
+    assert not s.is_identity()
+    torch.testing.assert_close(stats(gradgraph.apply_symmetry(model, s), x), ref)
+    assert not torch.allclose(stats(model, x * 0.5), ref)  # other inputs: other statistics

@@ -84,6 +84,9 @@ TRACE_MODELS: dict[str, tuple[str, dict]] = {
     "gradmetanet": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph",
                                         graph_pool="layer")),
     "gradmetanet-meanpool": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph")),
+    # its graph embedding joined with the pooled set statistics of the pooled-mlp baseline (stats=True)
+    "gradmetanet+stats": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph",
+                                              graph_pool="layer", out_channels=16, stats=True)),
 }
 
 

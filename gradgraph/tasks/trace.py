@@ -32,8 +32,8 @@ from .configs import TRACE_MODELS, TraceConfig
 from .curvature import MAX_LOG_RATIO, OutputAffine
 from .curvature_metrics import paired_bootstrap
 
-__all__ = ["TraceTask", "TraceConfig", "train_trace", "pooled_statistics", "fit_baselines", "noise_logratio",
-           "TRACE_METRICS"]
+__all__ = ["TraceTask", "TraceConfig", "train_trace", "set_statistics", "pooled_statistics", "StatsAugmented",
+           "fit_baselines", "noise_logratio", "TRACE_METRICS"]
 
 TRACE_METRICS = ("logratio", "relerr", "nmae")
 CALIBRATION_GRAPHS = 64  # training graphs that set the frozen input scales
@@ -61,24 +61,55 @@ def summarize(errors: dict[str, Tensor], mean_mae: float) -> dict[str, float]:
 
 
 # -- cheap baselines ----------------------------------------------------------------------------------------
+def set_statistics(batch) -> Tensor:
+    """[G, 2 L + 4] permutation-invariant statistics of each graph's set, for a batch of graphs of one
+    structure (a SirenTrace batch, or one graph with ``sq_norms``): per layer with a (or g) the log of the mean
+    over samples of ||a||^2 (||g||^2), then log S, the std of the squared per-sample gradient norms over S, and
+    the mean and std of the scalar inputs."""
+    spec = batch.specs[0]
+    if any(s is not spec and s.to_dict() != spec.to_dict() for s in batch.specs):
+        raise ValueError("set_statistics needs a batch of graphs of one structure (one architecture and set size)")
+    G = len(batch.specs)  # a single graph or a batch
+    ex = batch.entry_x.reshape(G, -1, batch.entry_x.shape[-1]).double()
+    feats = []
+    for lay in spec.layers:
+        for ch, blk in ((0, lay.a), (1, lay.g)):
+            if blk is not None:
+                v = ex[:, blk.start:blk.start + blk.count, ch]  # [G, b * spatial * n]
+                feats.append(torch.log((v.pow(2).sum(1) / spec.groups[blk.group][0]).clamp_min(1e-300)))
+    sq = batch.sq_norms.reshape(G, -1).double()
+    first = spec.layers[0].a
+    x = ex[:, first.start:first.start + first.count, 0]
+    feats += [torch.log(sq.mean(1)), sq.std(1) / sq.mean(1), x.mean(1), x.std(1)]
+    return torch.stack(feats, 1)
+
+
 def pooled_statistics(dataset: SirenTrace, items: list[int]) -> Tensor:
-    """[len(items), 2 L + 4] permutation-invariant statistics of each item's set: per layer with a (or g) the
-    log of the mean over samples of ||a||^2 (||g||^2), then log S, the std of the squared per-sample gradient
-    norms over S, and the mean and std of the scalar inputs."""
-    rows = []
-    for i in items:
-        graph = dataset[i]
-        feats = []
-        for layer, lay in enumerate(graph.spec.layers):
-            for which, blk in (("a", lay.a), ("g", lay.g)):
-                if blk is not None:
-                    v = graph.layer_features(layer, which).double()
-                    feats.append(torch.log(v.pow(2).flatten(1).sum(1).mean().clamp_min(1e-300)))
-        sq = graph.sq_norms.double()
-        x = graph.layer_features(0, "a").double().reshape(-1)
-        feats += [torch.log(sq.mean()), sq.std() / sq.mean(), x.mean(), x.std()]
-        rows.append(torch.stack(feats))
-    return torch.stack(rows)
+    """:func:`set_statistics` of ``items``: [len(items), 2 L + 4]."""
+    return torch.cat([set_statistics(b) for b in dataset.batches(items, 64)])
+
+
+class StatsAugmented(nn.Module):
+    """A graph-level metanetwork whose output embedding is joined with the set statistics of
+    :func:`set_statistics` (standardized with constants set from training graphs) before a final MLP: it
+    starts from what the pooled-statistics baseline sees, so what it gains over that baseline is what the
+    metanetwork adds. Invariant like the metanetwork (the statistics are)."""
+
+    def __init__(self, net: nn.Module, num_stats: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = net
+        self.mlp = nn.Sequential(nn.Linear(net.out_channels + num_stats, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.register_buffer("stats_mean", torch.zeros(num_stats))
+        self.register_buffer("stats_std", torch.ones(num_stats))
+
+    @torch.no_grad()
+    def set_normalization(self, stats: Tensor) -> None:
+        self.stats_mean.copy_(stats.mean(0))
+        self.stats_std.copy_(stats.std(0).clamp_min(1e-12))
+
+    def forward(self, graph) -> Tensor:
+        z = ((set_statistics(graph) - self.stats_mean) / self.stats_std).to(graph.entry_x.dtype)
+        return self.mlp(torch.cat([self.net(graph), z], 1))
 
 
 def _fit_pooled_mlp(X: dict[str, Tensor], logS: dict[str, Tensor], logy: dict[str, Tensor], seed: int,
@@ -152,14 +183,21 @@ class TraceTask(Task):
 
     def build_model(self) -> nn.Module:
         name, hyper = TRACE_MODELS[self.cfg.model]
+        hyper = dict(hyper)
+        stats = hyper.pop("stats", False)
         example = self.data[self.split["train"][0]]
-        return OutputAffine(METANETWORKS.build(name, example_graph=example, set_size=self.cfg.num_points, **hyper))
+        net = METANETWORKS.build(name, example_graph=example, set_size=self.cfg.num_points, **hyper)
+        if stats:
+            net = StatsAugmented(net, pooled_statistics(self.data, self.split["train"][:1]).shape[1])
+        return OutputAffine(net)
 
     def _log_ratio_target(self, batch) -> Tensor:
         return torch.log(batch.y.double() / batch.std_est.double()).to(batch.entry_x.dtype)
 
     def initialize(self, model: OutputAffine) -> None:
         calib, bs, dev = self.split["train"][:CALIBRATION_GRAPHS], self.cfg.batch_size, self.cfg.device
+        if isinstance(model.net, StatsAugmented):
+            model.net.set_normalization(pooled_statistics(self.data, self.split["train"]).to(dev))
         calibrate_scales(model.net, (b.to(dev) for b in self.data.batches(calib, bs)))
         model.net.eval()
         model.fit((b.to(dev) for b in self.data.batches(calib, bs)), self._log_ratio_target)
