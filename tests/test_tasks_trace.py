@@ -98,10 +98,10 @@ def test_bench_writes_the_table_and_plot(tmp_path, monkeypatch):
     args = ["bench", "curvature-trace", "--preset", "tiny", "--out-dir", str(tmp_path / "runs"), "--results",
             str(tmp_path / "results"), "--quiet", "--threads", "1"]
     assert main(args) == 0
-    table = (tmp_path / "results" / "curvature_trace_tiny.md").read_text()
+    table = (tmp_path / "results" / "curvature_trace_tiny_w8.md").read_text()
     for row in ("| standard |", "| s-calibrated |", "| pooled-mlp |", "| gradmetanet | 1 |", "noise of the targets"):
         assert row in table
-    assert (tmp_path / "results" / "curvature_trace_tiny.png").stat().st_size > 1000
+    assert (tmp_path / "results" / "curvature_trace_tiny_w8.png").stat().st_size > 1000
     assert main([*args, "--report-only"]) == 0  # reads the finished run back
 
 

@@ -30,10 +30,10 @@ METRIC_KEYS = (("logratio", "logratio"), ("relerr", "relerr"), ("nmae", "abserr"
 
 def _configs(args) -> list[TraceConfig]:
     g = dict(PRESETS[args.preset])
-    for key in ("models", "sizes", "seeds", "epochs"):
+    for key in ("models", "sizes", "seeds", "epochs", "width"):
         if getattr(args, key, None) is not None:
             g[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
-    out_dir = args.out_dir or f"runs/curvature-trace-{args.preset}"
+    out_dir = args.out_dir or f"runs/curvature-trace-{args.preset}" + ("" if args.width is None else f"-w{args.width}")
     root = None if not args.datasets_dir else str(Path(args.datasets_dir) / "siren_trace")
     return [TraceConfig(model=m, train_size=n, seed=s, epochs=g["epochs"], num_models=g["num_models"],
                         width=g["width"], num_points=g["num_points"], out_dir=out_dir, device=args.device,
@@ -134,5 +134,6 @@ def run(args) -> int:
         raise SystemExit(f"no finished runs under {configs[0].out_dir}: run without --report-only first")
     header = (f"Table written on: {machine_description()}. Wall time of this call: "
               f"{(time.perf_counter() - t0) / 60:.1f} min. Preset `{args.preset}`.")
-    return write_report(report(results, header), args.results, f"curvature_trace_{args.preset}",
+    stem = f"curvature_trace_{args.preset}_w{configs[0].width}"
+    return write_report(report(results, header), args.results, stem,
                         lambda png: plot(results, png))
