@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ from .bare import BareParameters
 from .geometry import Rows, conv_padding, expand_tuple
 from .records import CaptureRecords, InSite, OpRecord, OutSite, ParamRef, tie_shared
 from .rules import find_rule, overrides_a_rule, supported_modules
+from .sample_rows import per_sample, rows_per_sample, run_by_rows
 from .spaces import SpaceTable
 from .tracer import DataflowTracer, Label
 
@@ -182,13 +182,12 @@ class CaptureSession:
         ``transposed=True`` the weight is stored ``[in, out]`` and ``y = x W + b`` (Hugging Face ``Conv1D``,
         kind ``transposed_linear``). A flattened conv map ([b, C*H*W]) keeps its channels as nodes: the op
         then acts like a conv whose kernel covers the whole map (plain layout only)."""
-        k = self._rows(x)
-        if k > 1:  # [b*k, ..., in], k rows per sample: the op runs on the [b, k, ..., in] view
-            return self._by_rows(k, x, lambda v: self.linear(v, weight, bias, name, transposed))
+        if (k := rows_per_sample(self, x)) > 1:  # [b*k, ..., in], k rows per sample: run on the [b, k, ..., in] view
+            return run_by_rows(self, k, x, lambda v: self.linear(v, weight, bias, name, transposed))
         with self.tracer.suspend():  # the op and the bookkeeping; the tracer sees the op through its label
             W, wref = self._param(weight, "weight")
             B, bref = self._param(bias, "bias")
-            x = self._per_sample(x)
+            x = per_sample(self, x)
             out = F.linear(x, W.t() if transposed else W, B)
             opname = self._op_name(name)
             lab = self.tracer.get_label(x)
@@ -222,7 +221,7 @@ class CaptureSession:
                     f"{d}-d convolution with groups={groups}. Grouped/depthwise convolutions need a rule of their "
                     "own.")
             conv_fn = F.conv1d if d == 1 else F.conv2d
-            x = self._per_sample(x)
+            x = per_sample(self, x)
             out = conv_fn(x, W, B, stride, padding, dilation)
             kernel = tuple(W.shape[2:])
             dil = expand_tuple(dilation, d)
@@ -240,11 +239,10 @@ class CaptureSession:
         module input (for the dataflow), ``x_hat`` the normalized input (the activation the weight sees).
         ``buffers`` are per-neuron buffers (running statistics) that a permutation must move as well."""
         axis = axis % x.ndim
-        k = self._rows(x)
-        if k > 1 and axis > 0 and x_hat.shape == x.shape:
+        if (k := rows_per_sample(self, x)) > 1 and axis > 0 and x_hat.shape == x.shape:
             with self.tracer.suspend():
                 hat = x_hat.unflatten(0, (self.batch_size, k))
-            return self._by_rows(k, x, lambda v: self.diag(v, hat, weight, bias, axis + 1, buffers, name))
+            return run_by_rows(self, k, x, lambda v: self.diag(v, hat, weight, bias, axis + 1, buffers, name))
         with self.tracer.suspend():
             W, wref = self._param(weight, "weight")
             B, bref = self._param(bias, "bias")
@@ -269,7 +267,7 @@ class CaptureSession:
             W, wref = self._param(weight, "weight")
             if W.ndim != 2:  # a bare parameter [1, T, d]: a table of T entries (see capture/bare.py)
                 W = W.reshape(-1, W.shape[-1] if W.ndim else 1)
-            ids = self._per_sample(ids)
+            ids = per_sample(self, ids)
             out = F.embedding(ids, W, padding_idx)
             opname = self._op_name(name)
             space = self.spaces.new(f"{opname}.vocab", W.shape[0], "input")
@@ -312,43 +310,6 @@ class CaptureSession:
                 "ctx.rows(param, start, stop) for a block of a packed parameter.")
         self.dtype = self.dtype or tensor.dtype
         return tensor, ParamRef(name, tuple(p.shape), rows)
-
-    def _per_sample(self, x: Tensor) -> Tensor:
-        """A constant with a leading 1 (HF's ``position_ids`` [1, T], built from ``arange``) that reaches an op
-        becomes one copy per sample, so that the op's output and its gradient are per sample (exact: each
-        copy feeds its own sample only). Tensors derived from the inputs keep the batch checks."""
-        if x.ndim == 0 or x.shape[0] != 1 or self.batch_size == 1 or self.tracer.get_label(x) is not None:
-            return x
-        return x.expand(self.batch_size, *x.shape[1:])
-
-    def _rows(self, x: Tensor) -> int:
-        """How many rows of each sample the first axis of ``x`` holds (``Label.rows``: [b*T, d] from
-        ``h.reshape(-1, d)``); 1 for a plain batch axis."""
-        lab = self.tracer.get_label(x)
-        if lab is None or lab.batch_axis != 0 or lab.rows == 1 or x.shape[0] != self.batch_size * lab.rows:
-            return 1
-        return lab.rows
-
-    def _by_rows(self, k: int, x: Tensor, primitive) -> Tensor:
-        """Run ``primitive`` on the [b, k, ...] view of ``x`` ([b*k, ...], k rows per sample, sample-major) and
-        return its output as [b*k, ...] again: the op runs per sample (its a and g are [b, k, ...]) and the
-        forward is unchanged. The view of one tensor is made once, so the ops that share ``x`` share its input
-        nodes, and an in-place change of ``x`` still saves the recorded activations."""
-        v = self._row_views.get(id(x))
-        if v is None:
-            lab = self.tracer.get_label(x)
-            with self.tracer.suspend():
-                v = x.unflatten(0, (self.batch_size, k))
-            self.tracer.set_label(v, replace(lab, axes=tuple(a + 1 for a in lab.axes), rows=1))
-            self._row_views[id(x)] = v
-            self._alive.append(x)
-            self._insite_by_tensor[id(v)] = self._insite_by_tensor.setdefault(id(x), [])
-        out = primitive(v)
-        with self.tracer.suspend():
-            merged = out.flatten(0, 1)
-        lab = self.tracer.get_label(out)
-        self.tracer.set_label(merged, replace(lab, axes=tuple(a - 1 for a in lab.axes), rows=k))
-        return merged
 
     def _check_batch(self, t: Tensor, opname: str, what: str) -> None:
         if t.ndim == 0 or t.shape[0] != self.batch_size:

@@ -27,6 +27,7 @@ from ..data.siren_trace import SirenTrace
 from ..errors import UnknownNameError
 from ..nn import calibrate_scales
 from ..nn.registry import METANETWORKS
+from ..train.distributed import world
 from ..train.loop import Task, train
 from .configs import TRACE_MODELS, TraceConfig
 from .curvature import MAX_LOG_RATIO, OutputAffine
@@ -40,8 +41,6 @@ CALIBRATION_GRAPHS = 64  # training graphs that set the frozen input scales
 
 
 def load_dataset(cfg: TraceConfig, progress: bool = True) -> SirenTrace:
-    from ..train.distributed import world
-
     return SirenTrace(cfg.dataset_root, num_models=cfg.num_models, num_points=cfg.num_points,
                       hidden=(cfg.width, cfg.width), seed=cfg.data_seed, progress=progress and world()[0] == 0)
 
