@@ -15,7 +15,7 @@ from ..tasks.curvature import MODELS
 from ..tasks.curvature_baselines import CALIBRATED
 from ..tasks.curvature_metrics import paired_bootstrap
 
-__all__ = ["report", "plot"]
+__all__ = ["report", "plot", "mean_std"]
 
 
 def _overall(per_model: dict, metric: str) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _seed_mean(runs: list[dict], metric: str, tensor: int | None = None) -> torc
     return v.mean(1) if v.ndim == 2 else v
 
 
-def _mean_std(xs) -> tuple[float, float]:
+def mean_std(xs) -> tuple[float, float]:
     xs = list(xs)
     mean = sum(xs) / len(xs)
     return mean, (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
@@ -77,7 +77,7 @@ def _metric_table(results: dict, refs: dict, g: dict, sizes: list[int], metric: 
                 cells.append("-")
                 continue
             params = str(runs[0]["parameters"])
-            mean, sd = _mean_std(r[f"test_{metric}"] for r in runs)
+            mean, sd = mean_std(r[f"test_{metric}"] for r in runs)
             a = _seed_mean(runs, metric)
             cell = f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" +- {sd:.{digits}f}")
             cell += f" ({_imp(a, _overall(std[n], metric))} vs S"
@@ -137,8 +137,8 @@ def _sign_table(results: dict, g: dict, n: int) -> list[str]:
             continue
         key = "test" if model != "standard" else "standard_test"
         lines.append(f"| {'standard estimator S' if model == 'standard' else model} | "
-                     f"{_mean_std(r[f'{key}_logratio'] for r in runs)[0]:.3f} | "
-                     f"{100 * _mean_std(r[f'{key}_nonpos'] for r in runs)[0]:.1f}% |")
+                     f"{mean_std(r[f'{key}_logratio'] for r in runs)[0]:.3f} | "
+                     f"{100 * mean_std(r[f'{key}_nonpos'] for r in runs)[0]:.1f}% |")
     return lines
 
 
@@ -198,7 +198,7 @@ def plot(results: dict, refs: dict, path: Path) -> None:
     seeds = sorted({len(runs) for runs in results.values()})
     for model in models:
         pts = sorted((n, [r["test_nmse"] for r in runs]) for (m, n), runs in results.items() if m == model)
-        stats = [_mean_std(v) for _, v in pts]
+        stats = [mean_std(v) for _, v in pts]
         err = [0.0 if math.isnan(sd) else sd for _, sd in stats]
         ax.errorbar([n for n, _ in pts], [mean for mean, _ in stats], yerr=err if any(err) else None, marker="o",
                     capsize=3, color=colour[model], label=model)

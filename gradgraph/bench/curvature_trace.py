@@ -20,6 +20,7 @@ import torch
 from ..tasks.curvature_metrics import paired_bootstrap
 from ..tasks.trace import TraceConfig, load_dataset, train_trace
 from ..train.checkpoint import RunDir
+from .curvature_report import mean_std
 from .measure import machine_description, write_report
 from .options import TRACE_PRESETS as PRESETS
 from .options import curvature_trace as add_arguments  # noqa: F401 (the benchmark's entry point)
@@ -30,9 +31,7 @@ METRIC_KEYS = (("logratio", "logratio"), ("relerr", "relerr"), ("nmae", "abserr"
 
 def _configs(args) -> list[TraceConfig]:
     g = dict(PRESETS[args.preset])
-    for key in ("models", "sizes", "seeds", "epochs", "width"):
-        if getattr(args, key, None) is not None:
-            g[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
+    g.update({k: v for k in ("models", "sizes", "seeds", "epochs", "width") if (v := getattr(args, k)) is not None})
     out_dir = args.out_dir or f"runs/curvature-trace-{args.preset}" + ("" if args.width is None else f"-w{args.width}")
     root = None if not args.datasets_dir else str(Path(args.datasets_dir) / "siren_trace")
     return [TraceConfig(model=m, train_size=n, seed=s, epochs=g["epochs"], num_models=g["num_models"],
@@ -45,12 +44,9 @@ def _per_model(runs: list[dict], row: str, key: str) -> torch.Tensor:
     return torch.stack([torch.tensor(r["test_per_model"][row][key], dtype=torch.float64) for r in runs]).mean(0)
 
 
-def _mean_std(xs) -> str:
-    xs = list(xs)
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)):.4f}"
+def _cell(xs) -> str:
+    mean, sd = mean_std(xs)
+    return f"{mean:.4f}" if math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
 def report(results: dict[int, dict[str, list[dict]]], header: str) -> str:
@@ -71,7 +67,7 @@ def report(results: dict[int, dict[str, list[dict]]], header: str) -> str:
         for model, runs in by_model.items():
             lines.append(f"| {model} | {len(runs)} | {runs[0]['epochs_run']} | "
                          f"{sum(r['train_time_s'] for r in runs) / len(runs) / 60:.0f} min | "
-                         + " | ".join(_mean_std(r["rows"][model][k] for r in runs) for k, _ in METRIC_KEYS) + " |")
+                         + " | ".join(_cell(r["rows"][model][k] for r in runs) for k, _ in METRIC_KEYS) + " |")
         lines.append(f"| noise of the targets (estimate) | | | | {ref['noise_logratio']:.4f} | | |")
         lines += ["", f"Improvement (1 - the model's error / the row's), 95% paired bootstrap over the {n_test} test "
                   "models (per-model errors averaged over seeds):", "",

@@ -46,10 +46,10 @@ CURVATURE_PRESETS = {
 }
 
 TRACE_PRESETS = {
-    # one run per model of about 45 min each on a shared 2-core CPU (the scaled variant's defaults)
+    # one run per model, 46 min of training each on one thread of the 2-core CPU (the scaled variant's defaults)
     "cpu": dict(models=tuple(TRACE_MODELS), sizes=(500,), seeds=(0,), epochs=15, num_models=1000, width=1024,
                 num_points=32),
-    # more seeds and a smaller training set (~5 h)
+    # more seeds and a smaller training set (6 runs; not run yet)
     "cpu-seeds": dict(models=("gradmetanet",), sizes=(100, 500), seeds=(0, 1, 2), epochs=15, num_models=1000,
                       width=1024, num_points=32),
     # for tests: seconds
@@ -159,8 +159,8 @@ def curvature(p: argparse.ArgumentParser) -> None:
 def curvature_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(TRACE_PRESETS), default="cpu", help="grid to run (default cpu)")
     p.add_argument("--models", nargs="+", choices=list(TRACE_MODELS), help="override the preset's models")
-    p.add_argument("--width", type=int, help="override the SIREN's hidden width (1024: 1.05M parameters; 128 runs "
-                   "about 20x faster)")
+    p.add_argument("--width", type=int, help="override the SIREN's hidden width (1024: 1.05M parameters, 43 min of "
+                   "training; 128: 2.6 min)")
     p.add_argument("--sizes", nargs="+", type=int, help="override the training-set sizes")
     p.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
     p.add_argument("--epochs", type=int, help="override the epochs")

@@ -47,9 +47,9 @@ class GraphHead(nn.Module):
 
     def _layer_segments(self, layout: BatchLayout) -> tuple[Tensor, Tensor, int]:
         """Per node its (graph, layer) segment, per segment its graph, the number of segments."""
-        key = layout.node_graph * (int(layout.graph.node_layer.max()) + 1) + layout.graph.node_layer
-        uniq, seg = torch.unique(key, return_inverse=True)
-        return seg, uniq // (int(layout.graph.node_layer.max()) + 1), uniq.numel()
+        stride = int(layout.graph.node_layer.max()) + 1
+        uniq, seg = torch.unique(layout.node_graph * stride + layout.graph.node_layer, return_inverse=True)
+        return seg, uniq // stride, uniq.numel()
 
     def forward(self, u: Tensor, layout: BatchLayout) -> Tensor:
         if self.pool == "mean":

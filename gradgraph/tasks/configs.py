@@ -9,6 +9,21 @@ from ..train.config import TrainConfig, option
 
 __all__ = ["CurvatureConfig", "CURVATURE_MODELS", "TraceConfig", "TRACE_MODELS", "EditingConfig", "EDITING_MODELS"]
 
+class ModelTableConfig:
+    """For a config whose ``model`` names an entry of ``model_table`` (name -> (registered metanetwork,
+    hyperparameters)): that entry is the run's architecture (part of its identity), and the run folder is named
+    after the model, the training size and the seed."""
+
+    model_table: ClassVar[dict[str, tuple[str, dict]]] = {}
+
+    def architecture(self) -> dict:
+        name, hyper = self.model_table[self.model]
+        return {"metanetwork": name, "hyperparameters": hyper}
+
+    def run_name(self) -> str:
+        return f"{self.model}-n{self.train_size}-s{self.seed}"
+
+
 # curvature model name -> (registered metanetwork, hyperparameters): about 15K parameters each where the input
 # layout allows. GradMetaNet and GradMetaNet++ start from the standard estimator (head_init="fisher": their
 # parameter head's moment terms begin as the empirical Fisher diagonal of the set) and learn corrections;
@@ -30,7 +45,7 @@ CURVATURE_MODELS: dict[str, tuple[str, dict]] = {
 
 
 @dataclass
-class CurvatureConfig(TrainConfig):
+class CurvatureConfig(ModelTableConfig, TrainConfig):
     """Predict the Fisher diagonal of a SIREN from a set of its gradients (paper Sec. 5.1). The defaults are a
     run of a few minutes on 2 CPU cores (300 models, 100 of them for training, 20 epochs); ``--preset paper`` is
     the paper's protocol (3,000 models, 2,000 for training, 100 epochs; Adam lr 1e-3, batch 32 and the
@@ -61,18 +76,13 @@ class CurvatureConfig(TrainConfig):
     out_dir: str = option("runs/curvature", "parent folder of the run folder", identity=False)
 
     task: ClassVar[str] = "gradgraph.tasks.curvature:CurvatureTask"
+    model_table: ClassVar[dict] = CURVATURE_MODELS
     # named sets of defaults (``gradgraph train curvature --preset paper``); options given explicitly win
     presets: ClassVar[dict[str, dict]] = {
         "quick": dict(train_size=100, num_models=300, epochs=20),
         "paper": dict(train_size=2000, num_models=3000, epochs=100),
     }
 
-    def architecture(self) -> dict:
-        name, hyper = CURVATURE_MODELS[self.model]
-        return {"metanetwork": name, "hyperparameters": hyper}
-
-    def run_name(self) -> str:
-        return f"{self.model}-n{self.train_size}-s{self.seed}"
 
 
 # trace model name -> (registered metanetwork, hyperparameters): graph-level heads (one number per model). No
@@ -91,7 +101,7 @@ TRACE_MODELS: dict[str, tuple[str, dict]] = {
 
 
 @dataclass
-class TraceConfig(TrainConfig):
+class TraceConfig(ModelTableConfig, TrainConfig):
     """The paper's scaled curvature variant: predict the Fisher trace tr(F) of a SIREN 1 -> 1024 -> 1024 -> 1
     (1.05 M parameters) from the gradient graph of 32 inputs (:class:`gradgraph.data.SirenTrace`). The estimate
     is ``S * exp(h)``, S the standard estimator (the mean squared per-sample gradient norm of the 32 inputs) and
@@ -112,13 +122,8 @@ class TraceConfig(TrainConfig):
     out_dir: str = option("runs/curvature-trace", "parent folder of the run folder", identity=False)
 
     task: ClassVar[str] = "gradgraph.tasks.trace:TraceTask"
+    model_table: ClassVar[dict] = TRACE_MODELS
 
-    def architecture(self) -> dict:
-        name, hyper = TRACE_MODELS[self.model]
-        return {"metanetwork": name, "hyperparameters": hyper}
-
-    def run_name(self) -> str:
-        return f"{self.model}-n{self.train_size}-s{self.seed}"
 
 
 # editing model name -> (registered metanetwork, hyperparameters). Every learned row is a WeightEditor (see
@@ -139,7 +144,7 @@ EDITING_MODELS: dict[str, tuple[str, dict]] = {
 
 
 @dataclass
-class EditingConfig(TrainConfig):
+class EditingConfig(ModelTableConfig, TrainConfig):
     """Edit INRs of digits into their dilation: predict a weight change from the weights (and probe, target or
     GradMetaNet features of the editing-loss gradients) (paper Sec. 5.3)."""
 
@@ -155,10 +160,7 @@ class EditingConfig(TrainConfig):
     out_dir: str = option("runs/editing", "parent folder of the run folder", identity=False)
 
     task: ClassVar[str] = "gradgraph.tasks.editing:EditingTask"
-
-    def architecture(self) -> dict:
-        name, hyper = EDITING_MODELS[self.model]
-        return {"metanetwork": name, "hyperparameters": hyper}
+    model_table: ClassVar[dict] = EDITING_MODELS
 
     def run_name(self) -> str:
         size = "" if self.train_size is None else f"-n{self.train_size}"
