@@ -324,3 +324,63 @@ def test_dense_fast_path_equals_the_scatter_path(family, monkeypatch):
         slow = net2(batch)
         monkeypatch.undo()
         torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+def _calibrated_standardizing_net(family):
+    """GradMetaNet with standardized log scales, calibrated on the graphs of four models of one architecture whose
+    parameter tensors are rescaled at random (so that every layer's scale varies across them)."""
+    from gradgraph.nn import calibrate_scales
+
+    net = _net(GradMetaNet, "graph", standardize_scales=True)
+    graphs = []
+    for seed in range(4):
+        c = make(family, 1)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in c.model.parameters():
+                p.mul_(float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)))
+        graphs.append(gradgraph.capture(c.model, c.inputs, c.targets, c.loss_fn))
+    assert calibrate_scales(net, graphs) == 4
+    return net.eval(), graphs
+
+
+@pytest.mark.parametrize("family", ["mlp", "gpt"])
+def test_standardized_log_scales_keep_invariance(family):
+    net, _ = _calibrated_standardizing_net(family)
+    assert bool(net.encoder.standardizer.frozen) and net.encoder.standardizer.count.sum() > 0
+    e_sample, e_neuron = _errors(net, "graph", *_graphs(family))
+    assert e_sample < 1e-6 and e_neuron < 1e-6
+
+
+def test_standardization_keyed_by_neuron_breaks_invariance(monkeypatch):
+    """Negative test: the same statistics looked up by neuron index (not by layer depth) are not invariant to
+    neuron permutations, and the check above sees it."""
+    net, _ = _calibrated_standardizing_net("mlp")
+    std = net.encoder.standardizer
+    forward = type(std).forward
+    monkeypatch.setattr(type(std), "forward", lambda self, ls, depth, mask: forward(
+        self, ls * (1 + torch.arange(ls.shape[0], dtype=ls.dtype)[:, None] % 7), depth, mask))
+    assert _errors(net, "graph", *_graphs("mlp"))[1] > 1e-4
+
+
+def test_standardized_log_scales_are_centred_and_scaled_per_layer():
+    """Over the calibration graphs, each layer's standardized log scale has mean 0 and standard deviation 1,
+    against the log scales computed graph by graph from ``scale_normalize``."""
+    from gradgraph.nn.encoding import scale_normalize
+
+    net, graphs = _calibrated_standardizing_net("mlp")
+    std = net.encoder.standardizer
+    per_graph, raw = [], []
+    for g in graphs:
+        layout = BatchLayout(g)
+        log_scale = scale_normalize(g, layout)[1]
+        depth = g.node_depth.index_select(0, g.entry_node)
+        first = torch.stack([torch.nonzero(depth == d)[0, 0] for d in depth.unique()])  # one entry per layer
+        per_graph.append(std(log_scale, depth, g.entry_mask)[first])
+        raw.append((log_scale * g.entry_mask)[first])
+    z, raw = torch.stack(per_graph), torch.stack(raw)  # [graphs, layers, 2]
+    varies = raw.std(0, unbiased=False) > 1e-3  # channels whose scale differs between the four models
+    assert varies.sum() >= 2
+    torch.testing.assert_close(z.mean(0)[varies], torch.zeros(int(varies.sum()), dtype=z.dtype), atol=1e-9, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False)[varies], torch.ones(int(varies.sum()), dtype=z.dtype),
+                               atol=1e-9, rtol=0)

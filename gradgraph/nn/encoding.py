@@ -55,24 +55,100 @@ class NodeEncoding(nn.Module):
 
 class EntryEncoder(nn.Module):
     """Embed every entry (node x set element): normalized (a, g), which of them exist, the layer's log scales,
-    signed-log magnitudes, and the node's positional encoding -> [E, channels]."""
+    signed-log magnitudes, and the node's positional encoding -> [E, channels].
 
-    def __init__(self, channels: int, pe_dim: int = 16, norm_by: str = "layer") -> None:
+    ``standardize_scales=True`` adds the layer's log scales centred and divided by their spread across the
+    training graphs (:class:`LogScaleStandardizer`, per layer depth): across models of one architecture a
+    layer's log RMS varies by a few hundredths, invisible next to its absolute value, yet that variation is
+    what a graph-level target such as tr(F) depends on."""
+
+    def __init__(self, channels: int, pe_dim: int = 16, norm_by: str = "layer",
+                 standardize_scales: bool = False) -> None:
         super().__init__()
         self.norm_by = norm_by
         self.pe = NodeEncoding(pe_dim)
-        self.lin = nn.Linear(2 + 2 + 2 + 2, channels)
+        self.standardizer = LogScaleStandardizer() if standardize_scales else None
+        self.lin = nn.Linear(2 + 2 + 2 + 2 + (2 if standardize_scales else 0), channels)
         self.lin_pe = nn.Linear(3 * pe_dim, channels, bias=False)  # applied per node, then gathered
 
     def forward(self, graph, layout: BatchLayout) -> Tensor:
         x_norm, log_scale = scale_normalize(graph, layout, self.norm_by)
         dtype = self.lin.weight.dtype
         slog = torch.sign(graph.entry_x) * torch.log1p(graph.entry_x.abs())
-        feats = torch.cat([x_norm, graph.entry_mask.to(x_norm.dtype), log_scale / 10, slog / 10], -1).to(dtype)
+        parts = [x_norm, graph.entry_mask.to(x_norm.dtype), log_scale / 10, slog / 10]
+        if self.standardizer is not None:
+            parts.append(self.standardizer(log_scale, graph.node_depth.index_select(0, graph.entry_node),
+                                           graph.entry_mask))
+        feats = torch.cat(parts, -1).to(dtype)
         return self.lin(feats) + self.lin_pe(self.pe(graph)).index_select(0, graph.entry_node)
 
 
-class RunningScale(nn.Module):
+class CalibratedStatistics(nn.Module):
+    """A module holding dataset-level input statistics: accumulated in training mode until frozen, and set
+    once from training data by :func:`calibrate_scales` (``reset`` starts a plain cumulative average, then
+    the statistics are frozen). Subclasses keep their statistics in float buffers listed by ``statistics``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def observing(self) -> bool:
+        """Whether the statistics would be updated by a forward (training mode, not frozen)."""
+        return self.training and not bool(self.frozen)
+
+    def statistics(self) -> list[Tensor]:
+        """The float buffers :func:`sync_scales` averages over ranks."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the statistics and unfreeze, for a calibration pass (a plain cumulative average)."""
+        self.batches.zero_()
+        self.frozen.fill_(False)
+
+
+class LogScaleStandardizer(CalibratedStatistics):
+    """Standardize per-layer log scales [E, 2] (see :func:`scale_normalize`) by their mean and standard
+    deviation over the training graphs, per layer depth (``node_depth``, clamped to ``slots - 1``) and channel
+    (a, g): the output is (log_scale - mean) / max(std, ``min_std``), clipped to +-``clip``, 0 where the
+    channel is absent or the depth was never observed. One constant pair per depth is the same for every
+    neuron of a layer, so the output stays invariant to sample order and equivariant to neuron permutations."""
+
+    def __init__(self, slots: int = 64, channels: int = 2, min_std: float = 1e-3, clip: float = 10.0) -> None:
+        super().__init__()
+        self.slots, self.min_std, self.clip = slots, min_std, clip
+        for name in ("count", "total", "total_sq"):
+            self.register_buffer(name, torch.zeros(slots, channels, dtype=torch.float64))
+
+    def statistics(self) -> list[Tensor]:
+        return [self.count, self.total, self.total_sq]
+
+    def reset(self) -> None:
+        super().reset()
+        for t in self.statistics():
+            t.zero_()
+
+    def forward(self, log_scale: Tensor, depth: Tensor, mask: Tensor) -> Tensor:
+        """log_scale [E, c], depth [E] (each entry's layer depth), mask [E, c] -> [E, c]."""
+        slot = depth.clamp_max(self.slots - 1)
+        m = mask.to(log_scale.dtype)
+        if self.observing:
+            with torch.no_grad():
+                x, w = log_scale.detach().double(), m.double()
+                self.count.index_add_(0, slot, w)
+                self.total.index_add_(0, slot, x * w)
+                self.total_sq.index_add_(0, slot, x * x * w)
+                self.batches += 1
+        n = self.count.clamp_min(1)
+        mean = self.total / n
+        std = (self.total_sq / n - mean * mean).clamp_min(0).sqrt().clamp_min(self.min_std)
+        seen = (self.count > 0).to(log_scale.dtype)
+        z = (log_scale - mean.to(log_scale.dtype)[slot]) / std.to(log_scale.dtype)[slot]
+        return z.clamp(-self.clip, self.clip) * m * seen[slot]
+
+
+class RunningScale(CalibratedStatistics):
     """Divide features by their running root mean square (a dataset-level constant per column), as
     BatchNorm does without centering: statistics are accumulated in training mode (cumulative average over
     the first ``warmup`` batches, then an exponential average) and frozen in eval mode. One constant per
@@ -90,17 +166,18 @@ class RunningScale(nn.Module):
         super().__init__()
         self.momentum, self.warmup, self.eps = momentum, warmup, eps
         self.register_buffer("mean_square", torch.ones(num_features))
-        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
-        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: Tensor) -> Tensor:
         self.observe(x)
         return x / self.scale(x)
 
-    @property
-    def observing(self) -> bool:
-        """Whether :meth:`observe` would update the statistics (training mode, not frozen)."""
-        return self.training and not bool(self.frozen)
+    def statistics(self) -> list[Tensor]:
+        return [self.mean_square]
+
+    def reset(self) -> None:
+        super().reset()
+        self.mean_square.fill_(1.0)
+        self.warmup = 1 << 30  # a plain cumulative average over the calibration batches
 
     def observe(self, x: Tensor) -> None:
         """In training mode, fold the mean square of ``x`` [N, C] (this batch) into the running statistics."""
@@ -136,17 +213,15 @@ class RunningScale(nn.Module):
 
 @torch.no_grad()
 def calibrate_scales(model: nn.Module, batches) -> int:
-    """Data-dependent initialization of every ``RunningScale`` in ``model``: the plain average of the
-    statistics over ``batches`` (an iterable of graph batches; targets are not used), then frozen, so that
-    training starts from, and keeps, one fixed normalization. Returns the number of batches used."""
-    scales = [m for m in model.modules() if isinstance(m, RunningScale)]
+    """Data-dependent initialization of every ``CalibratedStatistics`` in ``model`` (``RunningScale``,
+    ``LogScaleStandardizer``): the plain average of the statistics over ``batches`` (an iterable of graph
+    batches; targets are not used), then frozen, so that training starts from, and keeps, one fixed
+    normalization. Returns the number of batches used."""
+    scales = [m for m in model.modules() if isinstance(m, CalibratedStatistics)]
     if not scales:
         return 0
     for m in scales:
-        m.mean_square.fill_(1.0)
-        m.batches.zero_()
-        m.frozen.fill_(False)
-        m.warmup = 1 << 30  # a plain cumulative average over the calibration batches
+        m.reset()
     was_training = model.training
     model.train()
     n = 0
@@ -161,15 +236,16 @@ def calibrate_scales(model: nn.Module, batches) -> int:
 
 @torch.no_grad()
 def sync_scales(model: nn.Module) -> int:
-    """Average the statistics of every ``RunningScale`` in ``model`` over the torch.distributed ranks (an
-    explicit collective: every rank must call it, once). Returns the number of scales synchronized (0 without
-    a process group)."""
-    scales = [m for m in model.modules() if isinstance(m, RunningScale)]
+    """Average the statistics of every ``CalibratedStatistics`` in ``model`` over the torch.distributed ranks
+    (an explicit collective: every rank must call it, once). Returns the number of modules synchronized (0
+    without a process group)."""
+    scales = [m for m in model.modules() if isinstance(m, CalibratedStatistics)]
     if not scales or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return 0
-    flat = torch.cat([m.mean_square.reshape(-1) for m in scales]).double()
+    stats = [t for m in scales for t in m.statistics()]
+    flat = torch.cat([t.reshape(-1).double() for t in stats])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    for m, part in zip(scales, flat.split([m.mean_square.numel() for m in scales])):
-        m.mean_square.copy_(part.view_as(m.mean_square))
+    for t, part in zip(stats, flat.split([t.numel() for t in stats])):
+        t.copy_(part.view_as(t))
     return len(scales)

@@ -42,6 +42,8 @@ class GradMetaNet(nn.Module):
             ``scale_normalize``).
         graph_pool: ``out_level="graph"``'s pooling, ``"mean"`` over nodes (the paper) or ``"layer"`` (each
             layer weighs the same, see ``GraphHead``).
+        standardize_scales: also feed each layer's log scales standardized across the training graphs
+            (calibrated by ``calibrate_scales``, see ``EntryEncoder``).
 
     Input sizes come from the graph: any architecture, any set size, one net. Equivariant to reordering
     the samples and to every neuron permutation of the graph's symmetry group. Cost: O(E f^2) per set layer,
@@ -52,7 +54,7 @@ class GradMetaNet(nn.Module):
                  out_channels: int = 1, set_layers: int | None = None, pools: tuple[str, ...] = SET_POOLS,
                  pe_dim: int = 16, bilinear_channels: int = 8, edge_messages: bool = False,
                  param_features: int = 0, head_init: str | None = None, norm_by: str = "layer",
-                 graph_pool: str = "mean") -> None:
+                 graph_pool: str = "mean", standardize_scales: bool = False) -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         f = hidden_channels
@@ -60,7 +62,7 @@ class GradMetaNet(nn.Module):
         if not 0 < k1 <= num_layers:
             raise ValueError(f"set_layers must be in 1..num_layers={num_layers}, got {k1}")
         self.out_level, self.out_channels = out_level, out_channels
-        self.encoder = EntryEncoder(f, pe_dim, norm_by)
+        self.encoder = EntryEncoder(f, pe_dim, norm_by, standardize_scales)
         self.set_blocks = nn.ModuleList(SetBlock(f, pools) for _ in range(k1))
         self.pool = SetPooling(f, f)
         self.neuron_blocks = nn.ModuleList(NeuronBlock(f, edge_messages) for _ in range(num_layers - k1))
@@ -98,12 +100,12 @@ class GradMetaNetPlusPlus(nn.Module):
 
     def __init__(self, hidden_channels: int = 64, num_layers: int = 4, out_level: str = "param",
                  out_channels: int = 1, heads: int = 4, pe_dim: int = 16, head_hidden: int | None = None,
-                 bilinear_channels: int = 0, head_init: str | None = None) -> None:
+                 bilinear_channels: int = 0, head_init: str | None = None, standardize_scales: bool = False) -> None:
         super().__init__()
         _check(GradientGraph(), out_level)
         f = hidden_channels
         self.out_level, self.out_channels = out_level, out_channels
-        self.encoder = EntryEncoder(f, pe_dim)
+        self.encoder = EntryEncoder(f, pe_dim, standardize_scales=standardize_scales)
         self.blocks = nn.ModuleList(AttentionBlock(f, heads) for _ in range(num_layers))
         self.norm = nn.LayerNorm(f)
         if out_level == "param":

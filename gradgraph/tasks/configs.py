@@ -97,6 +97,9 @@ TRACE_MODELS: dict[str, tuple[str, dict]] = {
     # its graph embedding joined with the pooled set statistics of the pooled-mlp baseline (stats=True)
     "gradmetanet+stats": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph",
                                               graph_pool="layer", out_channels=16, stats=True)),
+    # the layers' log scales standardized across the training models (EntryEncoder(standardize_scales=True))
+    "gradmetanet-std": ("gradmetanet", dict(hidden_channels=32, num_layers=3, set_layers=2, out_level="graph",
+                                            graph_pool="layer", standardize_scales=True)),
 }
 
 
