@@ -273,6 +273,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     m.add_argument("--init-from", metavar="RULE",
                    help="warm start: a shipped checkpoint's name (e.g. ds) or a rule.pt path of a simpler variant; "
                         "the new variant starts as that rule, its extra MLP inputs at zero weight")
+    m.add_argument("--set-size", type=int, metavar="K",
+                   help="graph variants: GradMetaNet reads the first K samples of each step's batch (default: all; "
+                        "its cost is linear in K)")
     m.add_argument("--loop", action="store_true",
                    help="one optimizer per particle even where the particles can be stacked (sgdm, ds)")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")

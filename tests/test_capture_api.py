@@ -112,3 +112,30 @@ def test_inputs_as_dict_and_tuple():
     g2 = gradgraph.capture(m, {"x": x, "z": z}, y, per_sample_mse)
     torch.testing.assert_close(g1.entry_x, g2.entry_x)
     assert_tensors_close(g1.per_sample_grads(), oracle.per_sample_grads(m, (x, z), y, per_sample_mse))
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "gpt", "transformer_encoder"])
+def test_first_samples_build_the_graph_of_a_capture_on_those_samples(family):
+    """CaptureRecords.first_samples(k) -> the graph gradgraph.capture builds on the batch's first k samples."""
+    from gradgraph.api import per_sample_losses
+    from gradgraph.capture import CaptureSession
+    from gradgraph.graph.build import build_graph
+
+    c = make(family, 0)
+    k = 2
+    assert c.inputs.shape[0] > k
+    session = CaptureSession(c.model, use_hooks=False)
+    with session:
+        out = c.model(c.inputs)
+    session.collect_grads(per_sample_losses(out, c.targets, c.loss_fn, session.batch_size).sum())
+    records = session.records()
+    got = build_graph(records.first_samples(k))
+    want = gradgraph.capture(c.model, c.inputs[:k], c.targets[:k] if c.targets is not None else None, c.loss_fn)
+    assert got.spec.structure_key() == want.spec.structure_key() and got.spec.groups == want.spec.groups
+    torch.testing.assert_close(got.entry_x, want.entry_x, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got.entry_node, want.entry_node) and torch.equal(got.entry_mask, want.entry_mask)
+    full = build_graph(records)
+    assert full.entry_x.shape[0] > got.entry_x.shape[0]  # negative: the full batch is a different graph
+    assert records.first_samples(10 ** 6) is records
+    with pytest.raises(ValueError, match="positive number"):
+        records.first_samples(0)

@@ -384,3 +384,23 @@ def test_standardized_log_scales_are_centred_and_scaled_per_layer():
     torch.testing.assert_close(z.mean(0)[varies], torch.zeros(int(varies.sum()), dtype=z.dtype), atol=1e-9, rtol=0)
     torch.testing.assert_close(z.std(0, unbiased=False)[varies], torch.ones(int(varies.sum()), dtype=z.dtype),
                                atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("family,level", [("mlp", "param"), ("cnn", "graph"), ("gpt", "node")])
+def test_gradmetanet_forward_compiles_into_one_graph(family, level):
+    """Once its structure caches are filled (one eager call), the forward traces into a single torch.compile
+    graph; CompiledForward's output equals the eager one (traced with the aot_eager backend: no codegen)."""
+    import torch._dynamo
+
+    from gradgraph.nn.compiled import CompiledForward
+
+    g, _, _, _ = _graphs(family)
+    net = _net(GradMetaNet, level)
+    with torch.no_grad():
+        want = net(g)
+        explained = torch._dynamo.explain(net)(g)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        fwd = CompiledForward(net, backend="aot_eager")
+        torch.testing.assert_close(fwd(g), want)  # the eager call of a new structure
+        torch.testing.assert_close(fwd(g), want)  # compiled
+    torch._dynamo.reset()

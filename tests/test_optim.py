@@ -249,3 +249,57 @@ def test_the_chunked_fast_step_matches_the_reference(variant, ref, chunk, monkey
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float rounding (reassociated sums)
     w = model.net[0].weight
     torch.testing.assert_close(opt.state[w]["momenta"], opt2.state[model2.net[0].weight]["momenta"])
+
+
+class _GraphOfFirstSamplesByCapture(DSGradMetaNet):
+    """ds+gradmetanet whose GradMetaNet reads an independent capture of the step's first ``k`` samples."""
+
+    k, batch = 5, None  # the test sets (model, x, y) before each step
+
+    def extra_columns(self, ctx, dtype=torch.float32):
+        model, x, y = self.batch
+        graph = gradgraph.capture(model, x[:self.k], y[:self.k], lambda o, t: F.cross_entropy(o, t, reduction="none"))
+        return super().extra_columns({**ctx, "graph": graph}, dtype)
+
+
+def test_set_size_reads_the_first_samples_of_the_batch():
+    torch.manual_seed(0)
+    model = MLP(8, (16, 12), 4)
+    models = [copy.deepcopy(model) for _ in range(3)]
+    meta = _meta("ds+gradmetanet")
+    capped = VARIANTS.build("ds+gradmetanet", set_size=5)
+    capped.load_state_dict(meta.state_dict())
+    ref = _GraphOfFirstSamplesByCapture()
+    ref.load_state_dict(meta.state_dict())
+    opts = [LearnedOptimizer(m, "ds+gradmetanet", meta=r) for m, r in zip(models, (capped, ref, meta))]
+    for s in range(3):
+        x, y = _batch(seed=s)
+        ref.batch = (models[1], x, y)
+        for m, opt in zip(models, opts):
+            _run(m, opt, [(x, y)])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(p, q) for p, q in zip(models[0].parameters(), models[2].parameters()))  # all 16
+    assert capped.hyper()["set_size"] == 5 and VARIANTS.build("ds+gradmetanet", **capped.hyper()).set_size == 5
+    with pytest.raises(ValueError, match="set_size"):
+        VARIANTS.build("ds+gradmetanet", set_size=0)
+
+
+def test_compiled_metanetwork_follows_the_eager_trajectory():
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = MLP(8, (16, 12), 4)
+    model2 = copy.deepcopy(model)
+    meta = _meta("ds+gradmetanet")
+    meta2 = copy.deepcopy(meta)
+    batches = [_batch(seed=s) for s in range(3)]
+    _run(model, LearnedOptimizer(model, "ds+gradmetanet", meta=meta), batches)
+    opt2 = LearnedOptimizer(model2, "ds+gradmetanet", meta=meta2, compile="aot_eager")
+    _run(model2, opt2, batches)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(opt2._gnn._warm) == 1  # one structure: one eager call, then the compiled forward
+    with pytest.raises(ValueError, match="compile"):
+        LearnedOptimizer(model, "ds", compile=True)
+    torch._dynamo.reset()

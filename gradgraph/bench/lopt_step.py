@@ -30,18 +30,25 @@ from .options import LOPT_STEP_SIZES as SIZES
 from .options import lopt_step as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 
-def _flops(model, b: int, variant: str) -> float:
+def _rule(name: str):
+    """The fresh rule of a table row: ``variant``, ``variant@K`` (GradMetaNet reads K samples), either with
+    ``:compiled`` (GradMetaNet through torch.compile)."""
+    variant, _, k = name.split(":")[0].partition("@")
+    return VARIANTS.build(variant, **({"set_size": int(k)} if k else {}))
+
+
+def _flops(model, b: int, name: str) -> float:
     W = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     P = sum(p.numel() for p in model.parameters())
     base = 6 * b * W
-    if variant in ("adam", "sgdm"):
+    if name in ("adam", "sgdm"):
         return base + 12 * P
-    meta = VARIANTS.build(variant)
+    meta = _rule(name)
     lins = [m for m in meta.mlp if isinstance(m, torch.nn.Linear)]
     mlp = 2 * sum(m.weight.numel() for m in lins)
     extra = 0
     if isinstance(meta, DSGradMetaNet):
-        extra = meta._gnn["bilinear_channels"] * 2 * b * W
+        extra = meta._gnn["bilinear_channels"] * 2 * min(b, meta.set_size or b) * W
     return base + (mlp + 60) * P + extra
 
 
@@ -57,8 +64,11 @@ def matmul_gflops(threads_note: str = "") -> float:
 
 
 def _stepper(name: str, model, inner: int):
-    opt = (torch.optim.Adam(model.parameters(), 1e-3) if name == "adam"
-           else LearnedOptimizer(model, name))
+    if name == "adam":
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+    else:
+        rule = _rule(name)
+        opt = LearnedOptimizer(model, rule.variant, meta=rule, compile=name.endswith(":compiled"))
 
     def step(x, y):
         for _ in range(inner):
@@ -116,9 +126,10 @@ def run(args) -> int:
             rel = f"{ms[o] / ms['adam']:.2f}" if "adam" in ms else "-"
             lines.append(f"| {size} {d_in}-{'-'.join(map(str, hidden))}-{d_out} | {P} | {o} | {ms[o]:.2f} | {rel} | "
                          f"{floor:.2f} | {ms[o] / floor:.1f} |")
-        if "ds" in ms and "ds+gradmetanet" in ms:
-            lines.append(f"| | | GradMetaNet extra over ds | {ms['ds+gradmetanet'] - ms['ds']:.2f} | "
-                         f"{(ms['ds+gradmetanet'] - ms['ds']) / ms['ds']:.2f}x ds | | |")
+        for o in (o for o in args.optimizers if o.startswith("ds+gradmetanet") and "ds" in ms):
+            lines.append(f"| | | {o}: GradMetaNet extra over ds | {ms[o] - ms['ds']:.2f} | "
+                         f"{(ms[o] - ms['ds']) / ms['ds']:.2f}x ds | | |")
+        if "ds+gradmetanet" in ms:
             rec, plain = _capture_overhead(models["ds+gradmetanet"], x, y, 3 if reps == 1 else 21)
             lines.append(f"| | | capture + graph (recorded fwd+bwd {rec:.2f} - plain {plain:.2f}) | "
                          f"{rec - plain:.2f} | | | |")

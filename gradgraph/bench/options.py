@@ -25,7 +25,10 @@ CAPTURE_OUTPUT = "benchmarks/results/capture.md"
 CAPTURE_MODELS = ("mlp", "cnn", "gpt", "hf-gpt2", "hf-resnet")
 CURVATURE_MODEL_NAMES = tuple(CURVATURE_MODELS)
 EDITING_MODEL_NAMES = tuple(EDITING_MODELS)
-LOPT_STEP_OPTIMIZERS = ("adam", "sgdm", "ds", "ds+gradmetanet")
+# "ds+gradmetanet@K": GradMetaNet reads the first K samples of the batch (the variant's set_size); ":compiled":
+# its forward through torch.compile (LearnedOptimizer(compile=True))
+LOPT_STEP_OPTIMIZERS = ("adam", "sgdm", "ds", "ds+gradmetanet", "ds+gradmetanet:compiled", "ds+gradmetanet@32",
+                        "ds+gradmetanet@32:compiled")
 LOPT_STEP_SIZES = {"digits": (64, (32,), 10), "w1024": (784, (1024, 1024), 10)}
 METANET_MODELS = ("gradmetanet", "gradmetanet++", "gmn-concat")
 NORMS_ENGINES = ("plain", "gradgraph", "opacus-ghost", "vmap")

@@ -2,7 +2,7 @@
 its output gradient lives (an out-site). The graph builder turns these records into a GradientGraph."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -78,6 +78,21 @@ class CaptureRecords:
     buffers: dict[str, tuple[int, ...]]
     dtype: object = None
     grad_scale: float = 1.0  # multiplies every g (undoes a mean-reduced loss in a training loop)
+
+    def first_samples(self, k: int) -> "CaptureRecords":
+        """The same records restricted to the batch's first ``k`` samples (every site's leading axis sliced, the
+        tensors shared, not copied): the graph they build is the graph of a capture on those ``k`` samples
+        alone, since each sample's (a, g) depends on that sample only. For a set model that should see a fixed
+        number of gradients whatever the batch size (the learned optimizer's GradMetaNet)."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"first_samples needs a positive number of samples, got {k!r}")
+        if k >= self.batch_size:
+            return self
+        ins = {id(s): replace(s, a=s.a[:k], elem_shape=(k, *s.elem_shape[1:])) for s in self.insites}
+        outs = {id(s): replace(s, g=None if s.g is None else s.g[:k], elem_shape=(k, *s.elem_shape[1:]))
+                for s in self.outsites}
+        ops = [replace(op, insite=ins[id(op.insite)], outsite=outs[id(op.outsite)]) for op in self.ops]
+        return replace(self, ops=ops, insites=list(ins.values()), outsites=list(outs.values()), batch_size=k)
 
     def check_finite(self) -> None:
         """Raise :class:`~gradgraph.NonFiniteGradientError` naming the first op whose output gradient (then

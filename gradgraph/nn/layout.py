@@ -7,8 +7,6 @@ single batched tensor operation, whatever the number of graphs.
 """
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
@@ -16,6 +14,23 @@ from torch_geometric.utils import scatter
 from ..graph.gradient_graph import GradientGraph
 from ..graph.kinds import kind_of
 from ..graph.spec import GraphSpec, LayerSpec, OpSpec
+
+
+class cached_property:  # noqa: N801 (a drop-in for functools.cached_property)
+    """``functools.cached_property`` without its lock (Python 3.11's holds an RLock, which torch.compile cannot
+    trace: one graph break per access): a layout is used by one thread."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 def _ptr(sizes: list[int], device) -> Tensor:
@@ -232,13 +247,17 @@ class BatchLayout:
                 cache[axis] = (self.entry_sample, self.num_samples)
             elif axis == "graph":
                 cache[axis] = (self.entry_graph, self.num_graphs)
-            elif axis == "layer":
-                key = self.entry_layer * max(int(g.elem_sample.numel()), 1) + g.entry_elem
-                uniq, inv = torch.unique(key, return_inverse=True)
-                cache[axis] = (inv, uniq.numel())
+            elif axis == "layer":  # structure only (torch.unique: once per structure, never in compiled code)
+                cache[axis] = self.memo(("pool", "layer"), self._layer_pool)
             else:
                 raise ValueError(f"unknown pooling axis {axis!r}: use node, layer, element, sample or graph")
         return cache[axis]
+
+    def _layer_pool(self) -> tuple[Tensor, int]:
+        g = self.graph
+        key = self.entry_layer * max(int(g.elem_sample.numel()), 1) + g.entry_elem
+        uniq, inv = torch.unique(key, return_inverse=True)
+        return inv, uniq.numel()
 
     @cached_property
     def uniform(self) -> bool:

@@ -53,7 +53,8 @@ def command(args, steps: int) -> str:
     return (f"gradgraph meta-train --task {args.task} --variant {args.variant} --steps {steps} --pairs {args.pairs} "
             f"--truncation {args.truncation}{horizon} --sigma {args.sigma} --lr {args.lr} --scalar-lr {args.scalar_lr} "
             f"--seed {args.seed}" + ("" if args.meta_loss == "train" else f" --meta-loss {args.meta_loss}")
-            + (f" --init-from {args.init_from}" if getattr(args, "init_from", None) else ""))
+            + (f" --init-from {args.init_from}" if getattr(args, "init_from", None) else "")
+            + (f" --set-size {args.set_size}" if getattr(args, "set_size", None) else ""))
 
 
 def run(args) -> int:
@@ -69,7 +70,11 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     task = OPT_TASKS.build(args.task)
     torch.manual_seed(args.seed)
-    rule = VARIANTS.build(args.variant)
+    set_size = getattr(args, "set_size", None)
+    if set_size is not None and not VARIANTS.get(args.variant).needs_graph:
+        raise ValueError(f"--set-size caps the samples GradMetaNet reads: it applies to graph variants such as "
+                         f"ds+gradmetanet, not to '{args.variant}'")
+    rule = VARIANTS.build(args.variant, **({} if set_size is None else {"set_size": set_size}))
     init_from = getattr(args, "init_from", None)
     if init_from:  # theta0 is the warm-started rule (a resumed run overwrites it with its own theta)
         rule.warm_start(load_rule(init_from))
@@ -85,12 +90,12 @@ def _run(args) -> int:
     pes = PES(problem, problem.theta0(), cfg)
     if saved:
         run_of = (saved["task"], saved["variant"], saved["horizon"], saved.get("meta_loss", "train"),
-                  saved.get("init_from"))
-        if run_of != (args.task, args.variant, problem.horizon, args.meta_loss, init_from):
+                  saved.get("init_from"), saved.get("set_size"))
+        if run_of != (args.task, args.variant, problem.horizon, args.meta_loss, init_from, set_size):
             raise ValueError(f"{ckpt} is a run of {saved['variant']} on {saved['task']} (horizon {saved['horizon']}, "
-                             f"meta-loss {run_of[3]}, init from {run_of[4]}), not of {args.variant} on {args.task} "
-                             f"(horizon {problem.horizon}, meta-loss {args.meta_loss}, init from {init_from}); use "
-                             "another --out folder")
+                             f"meta-loss {run_of[3]}, init from {run_of[4]}, set size {run_of[5]}), not of "
+                             f"{args.variant} on {args.task} (horizon {problem.horizon}, meta-loss {args.meta_loss}, "
+                             f"init from {init_from}, set size {set_size}); use another --out folder")
         pes.load_state_dict(saved["pes"])
         spent = float(saved["process_seconds"])
         if main:
@@ -107,7 +112,7 @@ def _run(args) -> int:
         vector_to_parameters(pes.theta.detach().float(), rule.parameters())
         save_file({"task": args.task, "variant": args.variant, "horizon": problem.horizon, "pes": state,
                    "process_seconds": spent, "particles": kind,
-                   "meta_loss": args.meta_loss, "init_from": init_from}, ckpt, "pes-checkpoint")
+                   "meta_loss": args.meta_loss, "init_from": init_from, "set_size": set_size}, ckpt, "pes-checkpoint")
         save_file({"variant": args.variant, "hyper": rule.hyper(), "state": rule.state_dict(), "task": args.task,
                    "meta_steps": pes.meta_step, "horizon": problem.horizon, "pes": asdict(cfg),
                    "meta_loss": args.meta_loss, "init_from": init_info,

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..capture import CaptureSession
 from ..errors import GradGraphError
 from ..graph.build import build_graph
+from ..nn.compiled import CompiledForward
 from .fast import FlatPlan, ds_term
 from .features import DECAYS, segments, unf_features
 from .pretrained import load_rule
@@ -67,11 +68,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             alpha = 0.1, mu = 0.9).
         lr: default multiplier of alpha for every param group.
         loss_reduction: ``"mean"`` or ``"sum"``, how your loss reduces over the batch (sets the graph's scale).
+        compile: graph variants: run the metanetwork's forward through torch.compile (True: the inductor
+            backend, or a backend name; see :class:`gradgraph.nn.compiled.CompiledForward`). The first steps
+            pay the compilation (seconds); False (default) stays eager.
         **variant_kwargs: passed to the variant's constructor when ``meta`` is None.
     """
 
     def __init__(self, model_or_params, variant: str = "ds", meta: LearnedRule | None = None, lr: float = 1.0,
-                 loss_reduction: str = "mean", **variant_kwargs) -> None:
+                 loss_reduction: str = "mean", compile: bool | str = False, **variant_kwargs) -> None:
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
@@ -89,6 +93,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"variant '{variant}' reads the step's gradient graph, so it needs the model: "
                             "LearnedOptimizer(model, ...) rather than LearnedOptimizer(model.parameters(), ...)")
         self.meta, self.variant, self.loss_reduction = meta, variant, loss_reduction
+        if compile and not meta.needs_graph:
+            raise ValueError(f"compile= compiles the metanetwork of a graph variant; '{variant}' has none")
+        self._gnn = (CompiledForward(meta.gnn, "inductor" if compile is True else compile) if compile else None)
         self.state["lopt"] = {"step": 0, "node_avg": None}
         self._layout_key = None
         self._pending: CaptureSession | None = None
@@ -124,7 +131,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "`with opt.record():` before every opt.step()")
         try:
             scale = float(session.batch_size) if self.loss_reduction == "mean" else 1.0
-            return build_graph(session.records(grad_scale=scale))
+            records = session.records(grad_scale=scale)
+            set_size = getattr(self.meta, "set_size", None)
+            return build_graph(records if set_size is None else records.first_samples(set_size))
         except GradGraphError as e:
             raise RecordError(f"the recorded step of variant '{self.variant}' is unusable: {e}") from e
 
@@ -202,8 +211,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         first = st["node_avg"] is None or st["node_avg"].shape[0] != N + 2
         if first:
             st["node_avg"] = torch.zeros(N + 2, 2 * len(NODE_DECAYS), dtype=params[0].dtype)
-        return {"graph": graph, "neurons": self._structure[1], "theta_of_flat": self._structure[2],
-                "node_avg": st["node_avg"], "first": first, "seg": self._seg, "counts": self._counts}
+        ctx = {"graph": graph, "neurons": self._structure[1], "theta_of_flat": self._structure[2],
+               "node_avg": st["node_avg"], "first": first, "seg": self._seg, "counts": self._counts}
+        if self._gnn is not None:
+            ctx["gnn"] = self._gnn
+        return ctx
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -177,20 +177,28 @@ def neuron_moments(graph: GradientGraph) -> Tensor:
 @VARIANTS.register("ds+gradmetanet")
 class DSGradMetaNet(DS):
     """DS whose MLP also sees GradMetaNet's per-parameter outputs on the step's graph and pooled-neuron averages
-    (see the module docstring). ``gnn`` holds GradMetaNet's hyperparameters (small by default: it runs every step)."""
+    (see the module docstring). ``gnn`` holds GradMetaNet's hyperparameters (small by default: it runs every step);
+    ``set_size`` caps the samples of the step's graph it reads (the first ``set_size`` of the batch)."""
 
     needs_graph = True
     variant = "ds+gradmetanet"
     GNN_DEFAULTS = dict(hidden_channels=16, num_layers=2, out_channels=4, pe_dim=8, bilinear_channels=4)
 
-    def __init__(self, hidden: tuple[int, ...] = (32, 32, 32), gnn: dict | None = None, **kw) -> None:
+    def __init__(self, hidden: tuple[int, ...] = (32, 32, 32), gnn: dict | None = None, set_size: int | None = None,
+                 **kw) -> None:
         gnn = {**self.GNN_DEFAULTS, **(gnn or {})}
+        if set_size is not None and (not isinstance(set_size, int) or set_size < 1):
+            raise ValueError(f"set_size must be a positive number of samples or None (the whole batch), "
+                             f"got {set_size!r}")
         super().__init__(hidden, extra_features=gnn["out_channels"] + 2 * len(NODE_DECAYS), **kw)
         self._gnn = gnn
+        # GradMetaNet and the pooled-neuron averages see the step's first set_size samples (None: all of them).
+        # Its cost is linear in the set size; the batch is a random draw, so its first samples are one too.
+        self.set_size = set_size
         self.gnn = GradMetaNet(out_level="param", **gnn).eval()
 
     def hyper(self) -> dict:
-        return {**super().hyper(), "gnn": dict(self._gnn)}
+        return {**super().hyper(), "gnn": dict(self._gnn), "set_size": self.set_size}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -200,7 +208,8 @@ class DSGradMetaNet(DS):
     def learned_term(self, features: Tensor, ctx: dict) -> Tensor:
         """``ctx``: ``graph`` (this step's), ``neurons`` = param_neurons(graph), ``node_avg`` [N + 2, 2 * D] (the
         optimizer's EMA state, updated here in place), ``first`` (no average yet), ``theta_of_flat`` ([P] index
-        from the optimizer's flat order into theta order, or None when they agree), ``seg``, ``counts``."""
+        from the optimizer's flat order into theta order, or None when they agree), ``seg``, ``counts``, and
+        optionally ``gnn`` (the function to call instead of ``self.gnn``, e.g. its torch.compile'd forward)."""
         extra = tensor_rms_normalize(self.extra_columns(ctx, features.dtype), ctx["seg"], ctx["counts"])
         return self.mlp(torch.cat([features, extra], 1)).squeeze(-1)
 
@@ -208,7 +217,7 @@ class DSGradMetaNet(DS):
         """The MLP's extra inputs before their per-tensor RMS normalisation, in the optimizer's flat order:
         GradMetaNet's outputs and the pooled-neuron averages, [P, out_channels + 2 * D] (updates ``node_avg``)."""
         graph = ctx["graph"]
-        gnn = self.gnn(graph)  # [P, c] in theta order
+        gnn = ctx.get("gnn", self.gnn)(graph)  # [P, c] in theta order (ctx["gnn"]: a compiled forward)
         out_n, in_n = ctx["neurons"]
         avg = ctx["node_avg"]
         mom = neuron_moments(graph)  # [N, 2]

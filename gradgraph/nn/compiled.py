@@ -1,0 +1,39 @@
+"""torch.compile for a metanetwork's forward.
+
+A metanetwork forward compiles into one graph (no graph breaks: tested with ``torch._dynamo.explain``) once the
+structure caches of its :class:`~gradgraph.nn.layout.BatchLayout` are filled: index tensors and offsets that
+depend on the graph's spec alone, computed by Python code that compiled code should only read. So the first call
+for each structure runs eagerly and fills them; later calls with that structure (the same interned spec object,
+as in a learned optimizer's steps) run the compiled code. A new structure costs one eager call and a recompile.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CompiledForward"]
+
+
+class CompiledForward:
+    """``module(graph)`` through ``torch.compile(module, backend=backend)`` after one eager call per structure.
+
+    Args:
+        module: a metanetwork taking one GradientGraph (or batch) and returning tensors.
+        backend: torch.compile's backend (``"inductor"`` generates fused C++/Triton kernels; ``"aot_eager"``
+            only traces, for tests).
+    Measured on the digits MLP's 128-sample graph (13,568 entries, 1 CPU thread): eager 4.7-5.0 ms, compiled
+    2.5 ms; 32 samples: eager 1.7 ms, compiled 0.83 ms. The first compiled call takes 5-16 s.
+    """
+
+    def __init__(self, module: nn.Module, backend: str = "inductor") -> None:
+        self.module, self.backend = module, backend
+        self.compiled = torch.compile(module, backend=backend, dynamic=False)
+        self._warm: dict[tuple, list] = {}  # ids of the specs -> the specs (kept alive: their ids stay theirs)
+
+    def __call__(self, graph):
+        specs = graph.specs
+        key = tuple(id(s) for s in specs)
+        if key not in self._warm:
+            self._warm[key] = specs
+            return self.module(graph)
+        return self.compiled(graph)
