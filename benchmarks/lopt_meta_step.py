@@ -3,7 +3,8 @@
 
 Both problems run round-robin (one truncation of ``--truncation`` inner steps each per round) so that a change
 of the machine's load hits them alike; the table gives the median ms per inner step of all 32 particles and the
-machine. ``python benchmarks/lopt_meta_step.py [--rounds 5] [--truncation 10]`` (about a minute on 2 cores).
+machine; a second table times ds+gradmetanet's settings (set size, torch.compile) with one optimizer per particle.
+``python benchmarks/lopt_meta_step.py [--rounds 5] [--truncation 10]`` (a few minutes on 2 cores).
 The two problems give the same meta-gradient (tests/test_optim_meta.py).
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from gradgraph.optim import VARIANTS
 from gradgraph.optim.meta import PES, LOptProblem, PESConfig
 from gradgraph.optim.particles import BatchedLOptProblem
 from gradgraph.optim.tasks import OPT_TASKS
+
+GRAPH_ROWS = ("ds+gradmetanet", "ds+gradmetanet@32", "ds+gradmetanet@32:compiled")
 
 
 def main() -> None:
@@ -51,7 +54,24 @@ def main() -> None:
         lines.append(f"| {variant} | {loop:.1f} | {batched:.1f} | {loop / batched:.2f}x |")
     lines += ["", "ds+gradmetanet keeps one optimizer per particle: its metanetwork forward is dominated by per-op "
               "overhead and torch.func.vmap over it measured slower than the loop (80 ms against 69 ms for 8 "
-              "particles)."]
+              "particles). Its settings (`@K`: GradMetaNet reads K samples of the batch of 128; `:compiled`: its "
+              "forward through torch.compile, compiled in the warm-up round), same rounds:", "",
+              "| variant | one optimizer per particle | x ds+gradmetanet |", "|---|---|---|"]
+    pes, times = {}, {}
+    for name in GRAPH_ROWS:
+        variant, _, k = name.split(":")[0].partition("@")
+        rule = VARIANTS.build(variant, **({"set_size": int(k)} if k else {}))
+        problem = LOptProblem(task, rule, compile=name.endswith(":compiled"))
+        pes[name] = PES(problem, problem.theta0(), PESConfig(pairs=args.pairs, truncation=args.truncation, seed=0))
+        times[name] = []
+    for r in range(args.rounds + 1):
+        for name, est in pes.items():
+            t0 = time.perf_counter()
+            est.estimate()
+            if r:
+                times[name].append(1000 * (time.perf_counter() - t0) / args.truncation)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    lines += [f"| {name} | {ms[name]:.1f} | {ms[name] / ms[GRAPH_ROWS[0]]:.2f} |" for name in GRAPH_ROWS]
     atomic_write_text("\n".join(lines) + "\n", Path(args.output))
     print("\n".join(lines))
 

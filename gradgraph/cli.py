@@ -276,6 +276,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     m.add_argument("--set-size", type=int, metavar="K",
                    help="graph variants: GradMetaNet reads the first K samples of each step's batch (default: all; "
                         "its cost is linear in K)")
+    m.add_argument("--compile", action="store_true",
+                   help="graph variants: GradMetaNet's forward through torch.compile (compiles once, ~10 s; measured "
+                        "2x faster per forward on digits-mlp)")
     m.add_argument("--loop", action="store_true",
                    help="one optimizer per particle even where the particles can be stacked (sgdm, ds)")
     m.add_argument("--out", default="runs/meta-train", help="run folder (resumed if it holds a checkpoint)")

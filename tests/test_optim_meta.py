@@ -276,3 +276,27 @@ def test_the_validation_meta_loss_is_the_validation_loss_after_each_update():
     assert float(val_losses[0]) != pytest.approx(float(train_losses[0]))
     with pytest.raises(ValueError, match="meta_loss must be one of"):
         LOptProblem(task, rule, meta_loss="test")
+
+
+def test_a_compiled_metanetwork_gives_the_eager_pes_estimate():
+    """All particles share one working rule, so compile=... traces GradMetaNet once for all of them."""
+    import torch._dynamo
+
+    task = DigitsMLP(batch_size=32)
+    torch.manual_seed(0)
+    rule = VARIANTS.build("ds+gradmetanet", set_size=8)
+    with torch.no_grad():
+        for p in rule.mlp.parameters():
+            p.normal_(0, 0.5)
+    cfg = PESConfig(pairs=2, truncation=3, sigma=0.05, seed=1)
+    eager = PES(LOptProblem(task, rule, horizon=5), LOptProblem(task, rule).theta0(), cfg)
+    compiled_problem = LOptProblem(task, rule, horizon=5, compile="aot_eager")
+    compiled = PES(compiled_problem, LOptProblem(task, rule).theta0(), cfg)
+    for _ in range(2):
+        ga, la = eager.estimate()
+        gb, lb = compiled.estimate()
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+        assert lb == pytest.approx(la, rel=1e-5)
+    opts = [p["opt"] for p in compiled_problem.particles]
+    assert len({id(o._gnn) for o in opts}) == 1 and opts[0]._gnn.module is compiled_problem.working.gnn
+    torch._dynamo.reset()

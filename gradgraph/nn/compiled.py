@@ -8,10 +8,23 @@ as in a learned optimizer's steps) run the compiled code. A new structure costs 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-__all__ = ["CompiledForward"]
+__all__ = ["CompiledForward", "compiled_forward"]
+
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(module: nn.Module, backend: str = "inductor") -> "CompiledForward":
+    """The :class:`CompiledForward` of ``module`` for ``backend``, one per module (shared by every caller, e.g.
+    the optimizers of all PES particles, which use one working copy of the meta-parameters)."""
+    per_backend = _SHARED.setdefault(module, {})
+    if backend not in per_backend:
+        per_backend[backend] = CompiledForward(module, backend)
+    return per_backend[backend]
 
 
 class CompiledForward:

@@ -182,15 +182,21 @@ class LOptProblem:
     """Inner runs of ``task`` trained by a :class:`LearnedOptimizer` of ``rule``'s variant, one per particle.
 
     Particle p (pair p mod N) trains ``task.model(seed=run)`` on ``task.batches(seed=run)``; its meta-parameters
-    are the flat ``thetas[p]`` loaded into its own copy of ``rule``. Particles run one after another (for sgdm and
-    ds, :class:`~gradgraph.optim.particles.BatchedLOptProblem` stacks them)."""
+    are the flat ``thetas[p]``, loaded into one working copy of ``rule`` before its step (particles run one after
+    another, and the rule holds no per-run state: that lives in each particle's optimizer; one copy also lets
+    ``compile=True`` compile the metanetwork once for all particles). For sgdm and ds,
+    :class:`~gradgraph.optim.particles.BatchedLOptProblem` stacks the particles instead."""
 
-    def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None, meta_loss: str = "train") -> None:
+    def __init__(self, task: OptTask, rule: LearnedRule, horizon: int | None = None, meta_loss: str = "train",
+                 compile: bool | str = False) -> None:
         self.task, self.rule = task, rule
         self.horizon = horizon or task.horizon
         self.max_loss = task.max_loss
         self.meta_loss = check_meta_loss(meta_loss)
         self.particles: list[dict] = []
+        self.working = type(rule)(**rule.hyper())
+        self.working.load_state_dict(rule.state_dict())
+        self.compile = compile if rule.needs_graph else False
 
     def theta0(self) -> Tensor:
         return parameters_to_vector(self.rule.parameters()).detach()
@@ -201,10 +207,8 @@ class LOptProblem:
 
     def _fresh(self, run: int, start: int = 0) -> dict:
         model = self.task.model(seed=run)
-        rule = type(self.rule)(**self.rule.hyper())
-        opt = LearnedOptimizer(model, self.rule.variant, meta=rule)
-        return {"run": run, "model": model, "opt": opt, "rule": rule, "data": self.task.batches(seed=run),
-                "used": 0, "start": start}
+        opt = LearnedOptimizer(model, self.rule.variant, meta=self.working, compile=self.compile)
+        return {"run": run, "model": model, "opt": opt, "data": self.task.batches(seed=run), "used": 0, "start": start}
 
     def init(self, runs: Tensor, starts: Tensor) -> None:
         self.particles = [self._fresh(int(r), int(s)) for r, s in zip(torch.cat([runs, runs]), torch.cat([starts] * 2))]
@@ -217,7 +221,7 @@ class LOptProblem:
     def step(self, thetas: Tensor, t: Tensor) -> Tensor:
         losses = torch.empty(len(self.particles))
         for p, part in enumerate(self.particles):
-            vector_to_parameters(thetas[p].to(torch.float32), part["rule"].parameters())
+            vector_to_parameters(thetas[p].to(torch.float32), self.working.parameters())
             model, opt, batch = part["model"], part["opt"], next(part["data"])
             part["used"] += 1
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..capture import CaptureSession
 from ..errors import GradGraphError
 from ..graph.build import build_graph
-from ..nn.compiled import CompiledForward
+from ..nn.compiled import compiled_forward
 from .fast import FlatPlan, ds_term
 from .features import DECAYS, segments, unf_features
 from .pretrained import load_rule
@@ -69,7 +69,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: default multiplier of alpha for every param group.
         loss_reduction: ``"mean"`` or ``"sum"``, how your loss reduces over the batch (sets the graph's scale).
         compile: graph variants: run the metanetwork's forward through torch.compile (True: the inductor
-            backend, or a backend name; see :class:`gradgraph.nn.compiled.CompiledForward`). The first steps
+            backend, or a backend name; see :class:`gradgraph.nn.compiled.CompiledForward`; one per
+            metanetwork module, shared by the optimizers that use it). The first steps
             pay the compilation (seconds); False (default) stays eager.
         **variant_kwargs: passed to the variant's constructor when ``meta`` is None.
     """
@@ -95,7 +96,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.meta, self.variant, self.loss_reduction = meta, variant, loss_reduction
         if compile and not meta.needs_graph:
             raise ValueError(f"compile= compiles the metanetwork of a graph variant; '{variant}' has none")
-        self._gnn = (CompiledForward(meta.gnn, "inductor" if compile is True else compile) if compile else None)
+        self._gnn = compiled_forward(meta.gnn, "inductor" if compile is True else compile) if compile else None
         self.state["lopt"] = {"step": 0, "node_avg": None}
         self._layout_key = None
         self._pending: CaptureSession | None = None
