@@ -13,7 +13,24 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["CompiledForward", "compiled_forward"]
+__all__ = ["CompiledForward", "compiled_forward", "cached_property"]
+
+
+class cached_property:  # noqa: N801 (a drop-in for functools.cached_property)
+    """``functools.cached_property`` without its lock (Python 3.11's holds an RLock, which torch.compile cannot
+    trace: one graph break per access): a layout is used by one thread."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 _SHARED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
