@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gradgraph.bench.lopt_step import row_rule
 from gradgraph.bench.measure import machine_description
 from gradgraph.io import atomic_write_text
 from gradgraph.optim import VARIANTS
@@ -59,9 +60,8 @@ def main() -> None:
               "| variant | one optimizer per particle | x ds+gradmetanet |", "|---|---|---|"]
     pes, times = {}, {}
     for name in GRAPH_ROWS:
-        variant, _, k = name.split(":")[0].partition("@")
-        rule = VARIANTS.build(variant, **({"set_size": int(k)} if k else {}))
-        problem = LOptProblem(task, rule, compile=name.endswith(":compiled"))
+        rule, compile = row_rule(name)
+        problem = LOptProblem(task, rule, compile=compile)
         pes[name] = PES(problem, problem.theta0(), PESConfig(pairs=args.pairs, truncation=args.truncation, seed=0))
         times[name] = []
     for r in range(args.rounds + 1):

@@ -30,11 +30,11 @@ from .options import LOPT_STEP_SIZES as SIZES
 from .options import lopt_step as add_arguments  # noqa: F401 (the benchmark's entry point)
 
 
-def _rule(name: str):
-    """The fresh rule of a table row: ``variant``, ``variant@K`` (GradMetaNet reads K samples), either with
-    ``:compiled`` (GradMetaNet through torch.compile)."""
+def row_rule(name: str):
+    """The fresh rule of a table row and whether to compile it: ``variant``, ``variant@K`` (GradMetaNet reads K
+    samples), either with ``:compiled`` (GradMetaNet through torch.compile)."""
     variant, _, k = name.split(":")[0].partition("@")
-    return VARIANTS.build(variant, **({"set_size": int(k)} if k else {}))
+    return VARIANTS.build(variant, **({"set_size": int(k)} if k else {})), name.endswith(":compiled")
 
 
 def _flops(model, b: int, name: str) -> float:
@@ -43,7 +43,7 @@ def _flops(model, b: int, name: str) -> float:
     base = 6 * b * W
     if name in ("adam", "sgdm"):
         return base + 12 * P
-    meta = _rule(name)
+    meta = row_rule(name)[0]
     lins = [m for m in meta.mlp if isinstance(m, torch.nn.Linear)]
     mlp = 2 * sum(m.weight.numel() for m in lins)
     extra = 0
@@ -67,8 +67,8 @@ def _stepper(name: str, model, inner: int):
     if name == "adam":
         opt = torch.optim.Adam(model.parameters(), 1e-3)
     else:
-        rule = _rule(name)
-        opt = LearnedOptimizer(model, rule.variant, meta=rule, compile=name.endswith(":compiled"))
+        rule, compile = row_rule(name)
+        opt = LearnedOptimizer(model, rule.variant, meta=rule, compile=compile)
 
     def step(x, y):
         for _ in range(inner):

@@ -32,6 +32,7 @@ class cached_property:  # noqa: N801 (a drop-in for functools.cached_property)
         value = obj.__dict__[self.name] = self.fn(obj)
         return value
 
+
 _SHARED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
